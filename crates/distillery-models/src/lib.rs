@@ -1,0 +1,11 @@
+//! Distillery's models: the EmoNet teacher, ONNX teachers, the student zoo, the distillation losses
+//! and the MAC counter.
+//!
+//! Architecture invariant: this crate does no I/O beyond reading weight files it is handed a path
+//! to. Images, datasets and networks live in other crates.
+
+pub mod cost;
+pub mod teacher;
+
+pub use cost::ModelCost;
+pub use teacher::{Teacher, TeacherInfo, TeacherOutput};
