@@ -173,7 +173,8 @@ mod tests {
 
     #[test]
     fn validate_names_the_key() {
-        let bad: Vec<(&str, Box<dyn Fn(&mut WorkerConfig)>)> = vec![
+        type Breaker = Box<dyn Fn(&mut WorkerConfig)>;
+        let bad: Vec<(&str, Breaker)> = vec![
             ("coordinator", Box::new(|c| c.coordinator = "127.0.0.1:5".into())),
             ("max_batch", Box::new(|c| c.max_batch = 0)),
             ("decode_threads", Box::new(|c| c.decode_threads = 0)),

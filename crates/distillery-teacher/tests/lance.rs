@@ -23,7 +23,7 @@ fn face(i: u32) -> FaceRecord {
     let mut buf = std::io::Cursor::new(Vec::new());
     img.write_to(&mut buf, image::ImageFormat::Png).unwrap();
     let image = buf.into_inner();
-    let box_xywh = (i % 2 == 0).then_some([1.0, 1.0, 9.0, 8.0]);
+    let box_xywh = i.is_multiple_of(2).then_some([1.0, 1.0, 9.0, 8.0]);
     FaceRecord {
         id: FaceId::of(&image, box_xywh),
         image,
