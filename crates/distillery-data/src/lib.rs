@@ -9,4 +9,4 @@ pub mod view;
 
 pub use batch::Batch;
 pub use record::{FaceRecord, Reject, Split};
-pub use view::View;
+pub use view::{View, views_for};

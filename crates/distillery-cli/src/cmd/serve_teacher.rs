@@ -1,0 +1,139 @@
+//! `distillery serve teacher`: run a teacher worker that leases shards from a coordinator, labels
+//! them and serves its teacher over gRPC. SIGTERM / Ctrl-C drain the current shard, then exit.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use distillery_teacher::{WorkerConfig, run_worker};
+
+/// Options of `distillery serve teacher`. Flags override the values of `--config`.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct ServeTeacherArgs {
+    /// Worker configuration file (TOML, keys as in the flags with `_` for `-`).
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Coordinator URL.
+    #[arg(long, env = "DISTILLERY_COORDINATOR", value_name = "URL")]
+    pub coordinator: Option<String>,
+    /// Address of this worker's TeacherService (port 0 picks a free port).
+    #[arg(long, value_name = "ADDR")]
+    pub listen: Option<SocketAddr>,
+    /// host:port the coordinator hands out for this worker (default: the bound address).
+    #[arg(long, value_name = "HOST:PORT")]
+    pub advertise: Option<String>,
+    /// Serve Prometheus metrics at http://ADDR/metrics.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_listen: Option<SocketAddr>,
+    /// Teacher to load at start: emonet-8[:WEIGHTS], emonet-5[:WEIGHTS], an ONNX teacher .toml, a
+    /// student run directory, or tiny[:SEED[:SIDE]]. Without it the worker loads each lease's teacher.
+    #[arg(long, value_name = "SPEC")]
+    pub teacher: Option<String>,
+    /// cpu, cuda or cuda:N.
+    #[arg(long)]
+    pub device: Option<String>,
+    /// Largest batch given to the teacher.
+    #[arg(long)]
+    pub max_batch: Option<usize>,
+    /// Longest a partial batch waits for more images (ms).
+    #[arg(long)]
+    pub max_delay_ms: Option<u64>,
+    /// Parallel image decoders.
+    #[arg(long)]
+    pub decode_threads: Option<usize>,
+    /// Bound of the prepared-image queue.
+    #[arg(long)]
+    pub queue_capacity: Option<usize>,
+    /// Bearer token required by this worker's TeacherService and sent to the coordinator.
+    #[arg(long, env = "DISTILLERY_AUTH_TOKEN", hide_env_values = true)]
+    pub auth_token: Option<String>,
+    /// Stable worker id.
+    #[arg(long)]
+    pub worker_id: Option<String>,
+    /// On shutdown, how long the current shard may take before its lease is released (ms).
+    #[arg(long)]
+    pub drain_timeout_ms: Option<u64>,
+}
+
+impl ServeTeacherArgs {
+    /// The worker configuration: `--config` (or defaults), then the flags.
+    pub fn to_config(&self) -> anyhow::Result<WorkerConfig> {
+        let mut cfg = match &self.config {
+            Some(p) => {
+                let text = std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+                WorkerConfig::from_toml(&text, &p.display().to_string())?
+            }
+            None => WorkerConfig::default(),
+        };
+        macro_rules! set {
+            ($($f:ident),*) => { $( if let Some(v) = &self.$f { cfg.$f = v.clone().into(); } )* };
+        }
+        set!(
+            coordinator,
+            listen,
+            device,
+            max_batch,
+            max_delay_ms,
+            decode_threads,
+            queue_capacity,
+            drain_timeout_ms
+        );
+        set!(advertise, metrics_listen, teacher, auth_token, worker_id);
+        cfg.validate()?;
+        Ok(cfg)
+    }
+}
+
+/// Runs the worker until SIGTERM or Ctrl-C.
+pub async fn run(args: ServeTeacherArgs) -> anyhow::Result<()> {
+    let cfg = args.to_config()?;
+    tracing::info!(coordinator = %cfg.coordinator, listen = %cfg.listen, teacher = ?cfg.teacher, "starting teacher worker");
+    run_worker(cfg, distillery_teacher::default_storage(), shutdown_signal()).await?;
+    Ok(())
+}
+
+/// Resolves on the first SIGTERM or Ctrl-C.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        if let Err(e) = tokio::signal::ctrl_c().await {
+            tracing::warn!(error = %e, "cannot listen for Ctrl-C");
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {}
+        () = term => {}
+    }
+    tracing::info!("shutdown requested: draining");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_override_the_file_and_bad_values_name_the_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("w.toml");
+        std::fs::write(&p, "coordinator = \"http://c:1\"\nmax_batch = 8\n").unwrap();
+        let args = ServeTeacherArgs { config: Some(p.clone()), max_batch: Some(16), ..Default::default() };
+        let cfg = args.to_config().unwrap();
+        assert_eq!((cfg.coordinator.as_str(), cfg.max_batch), ("http://c:1", 16));
+        let args = ServeTeacherArgs { config: Some(p), device: Some("tpu".into()), ..Default::default() };
+        assert!(args.to_config().unwrap_err().to_string().contains("`device`"));
+    }
+}
