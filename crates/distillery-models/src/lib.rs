@@ -5,6 +5,7 @@
 //! to. Images, datasets and networks live in other crates.
 
 pub mod cost;
+pub mod losses;
 pub mod nn;
 pub mod teacher;
 
