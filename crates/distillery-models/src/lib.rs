@@ -7,6 +7,8 @@
 pub mod cost;
 pub mod losses;
 pub mod nn;
+pub mod student;
+pub mod students;
 pub mod teacher;
 
 pub use cost::ModelCost;
