@@ -15,6 +15,7 @@
 //!
 //! Every convolution and linear layer records its MACs with [`crate::cost::record`].
 
+pub mod batchnorm;
 pub mod depthwise;
 #[cfg(test)]
 pub(crate) mod gradcheck;
@@ -167,25 +168,41 @@ impl BatchNorm2d {
         self.running_var.as_tensor()
     }
 
-    fn forward_train(&self, x3: &Tensor) -> Result<Tensor> {
+    /// Training batch norm composed from tensor ops: slower than the fused CPU op, but runs on
+    /// any device. Returns the output and the (detached) batch mean and biased variance.
+    fn train_composed(&self, x3: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
         let (n, c, hw) = x3.dims3()?;
+        let m = (n * hw) as f64;
+        let mean = (x3.sum_keepdim(2)?.sum_keepdim(0)? / m)?;
+        let xc = x3.broadcast_sub(&mean)?;
+        let var = (xc.sqr()?.sum_keepdim(2)?.sum_keepdim(0)? / m)?;
+        let inv_std = (&var + self.eps)?.sqrt()?.recip()?;
+        let scale = inv_std.broadcast_mul(&self.weight.reshape((1, c, 1))?)?;
+        let y = xc.broadcast_mul(&scale)?.broadcast_add(&self.bias.reshape((1, c, 1))?)?;
+        Ok((y, mean.detach().flatten_all()?, var.detach().flatten_all()?))
+    }
+
+    fn forward_train(&self, x3: &Tensor) -> Result<Tensor> {
+        let (n, _, hw) = x3.dims3()?;
         let m = (n * hw) as f64;
         if m < 2.0 {
             bail!("batch-norm: training needs more than one value per channel, got {n}×{hw}");
         }
-        let mean = (x3.sum_keepdim(2)?.sum_keepdim(0)? / m)?;
-        let xc = x3.broadcast_sub(&mean)?;
-        let var = (xc.sqr()?.sum_keepdim(2)?.sum_keepdim(0)? / m)?;
+        let (y, mean, var) = if x3.device().is_cpu() {
+            let (y, st) = batchnorm::batch_norm_train_cpu(x3, &self.weight, &self.bias, self.eps)?;
+            let dev = x3.device();
+            (y, Tensor::new(st.mean, dev)?, Tensor::new(st.var, dev)?)
+        } else {
+            self.train_composed(x3)?
+        };
+        let dtype = self.running_mean.dtype();
         let mom = self.momentum;
-        let rm = ((self.running_mean.as_detached_tensor() * (1.0 - mom))?
-            + (mean.detach().flatten_all()? * mom)?)?;
+        let rm = ((self.running_mean.as_detached_tensor() * (1.0 - mom))? + (mean.to_dtype(dtype)? * mom)?)?;
         let rv = ((self.running_var.as_detached_tensor() * (1.0 - mom))?
-            + (var.detach().flatten_all()? * (mom * m / (m - 1.0)))?)?;
+            + (var.to_dtype(dtype)? * (mom * m / (m - 1.0)))?)?;
         self.running_mean.set(&rm)?;
         self.running_var.set(&rv)?;
-        let inv_std = (var + self.eps)?.sqrt()?.recip()?;
-        let scale = inv_std.broadcast_mul(&self.weight.reshape((1, c, 1))?)?;
-        xc.broadcast_mul(&scale)?.broadcast_add(&self.bias.reshape((1, c, 1))?)
+        Ok(y)
     }
 
     pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
@@ -456,6 +473,20 @@ mod tests {
         vars.push(x);
         let refs: Vec<&Var> = vars.iter().collect();
         check_grads(&refs, 1e-6, 1e-6, |v| bn.forward_t(&v[2], true))
+    }
+
+    #[test]
+    fn batchnorm_composed_path_gradchecks() -> Result<()> {
+        let vm = VarMap::new();
+        let bn = BatchNorm2d::new(3, vb64(&vm))?;
+        let v = vm.data().lock().unwrap()["weight"].clone();
+        v.set(&Tensor::from_vec(pseudo_random(3, 13), 3, &Device::Cpu)?)?;
+        let x = rand_var((2, 3, 5), 14)?;
+        let fused = bn.forward_train(&x)?;
+        let composed = bn.train_composed(&x)?.0;
+        let d = (fused - composed)?.abs()?.max_all()?.to_scalar::<f64>()?;
+        assert!(d < 1e-12, "fused and composed batch norm differ by {d}");
+        check_grads(&[&x, &v], 1e-6, 1e-6, |a| Ok(bn.train_composed(&a[0])?.0))
     }
 
     #[test]
