@@ -1,0 +1,249 @@
+//! Fused training-mode batch normalisation for CPU: one op for the forward pass and one for the
+//! backward pass, in closed form.
+//!
+//! Composing batch norm from candle tensor ops costs about ten full-size temporaries in backward
+//! and multi-axis reductions over broadcasts; in MobileNetV2 training that dominated the step.
+//! Here the forward computes per-channel mean and biased variance (accumulated in f64), keeps them
+//! in the op for the backward pass, and writes `y = (x − μ)·γ/σ + β`. The backward uses
+//! `∂β = Σg`, `∂γ = Σg·x̂`, `∂x = γ/σ · (g − ∂β/m − x̂·∂γ/m)` with `m = n·h·w`.
+
+use std::sync::{Arc, Mutex};
+
+use candle_core::{
+    CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, WithDType,
+    backend::BackendStorage, bail,
+};
+use rayon::prelude::*;
+
+/// Per-channel statistics of one training batch.
+#[derive(Clone, Debug, Default)]
+pub struct BatchStats {
+    pub mean: Vec<f64>,
+    /// Biased (divide by `m`) variance.
+    pub var: Vec<f64>,
+    pub inv_std: Vec<f64>,
+    /// Values per channel, `n·h·w`.
+    pub count: usize,
+}
+
+fn slice<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout, op: &str, what: &str) -> Result<&'a [T]> {
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&s.as_slice::<T>()?[a..b]),
+        None => bail!("{op}: {what} must be contiguous"),
+    }
+}
+
+fn dims3(l: &Layout, op: &str) -> Result<(usize, usize, usize)> {
+    match l.dims() {
+        [a, b, c] => Ok((*a, *b, *c)),
+        d => bail!("{op}: input must be [n, c, h·w], got {d:?}"),
+    }
+}
+
+/// `(x [n,c,hw], γ [c], β [c]) → y`; records the batch statistics for [`BnTrain::stats`].
+struct BnTrain {
+    eps: f64,
+    /// Shared with the caller, which reads the statistics after the forward pass.
+    stats: Arc<Mutex<Option<BatchStats>>>,
+}
+
+impl BnTrain {
+    fn run<T: WithDType>(&self, x: &[T], (n, c, hw): (usize, usize, usize), g: &[T], b: &[T]) -> Vec<T> {
+        let m = (n * hw) as f64;
+        let per_channel: Vec<(f64, f64)> = (0..c)
+            .into_par_iter()
+            .map(|ch| {
+                let planes = || (0..n).map(|i| &x[(i * c + ch) * hw..(i * c + ch + 1) * hw]);
+                let sum: f64 = planes().map(|p| p.iter().map(|v| v.to_f64()).sum::<f64>()).sum();
+                let mean = sum / m;
+                let ss: f64 = planes()
+                    .map(|p| {
+                        p.iter()
+                            .map(|v| {
+                                let d = v.to_f64() - mean;
+                                d * d
+                            })
+                            .sum::<f64>()
+                    })
+                    .sum();
+                (mean, ss / m)
+            })
+            .collect();
+        let mean: Vec<f64> = per_channel.iter().map(|p| p.0).collect();
+        let var: Vec<f64> = per_channel.iter().map(|p| p.1).collect();
+        let inv_std: Vec<f64> = var.iter().map(|v| 1.0 / (v + self.eps).sqrt()).collect();
+        let mut y = vec![T::zero(); x.len()];
+        y.par_chunks_mut(hw).enumerate().for_each(|(p, yp)| {
+            let ch = p % c;
+            let a = inv_std[ch] * g[ch].to_f64();
+            let shift = b[ch].to_f64() - mean[ch] * a;
+            let (a, shift) = (T::from_f64(a), T::from_f64(shift));
+            for (yv, xv) in yp.iter_mut().zip(&x[p * hw..(p + 1) * hw]) {
+                *yv = *xv * a + shift;
+            }
+        });
+        *self.stats.lock().expect("stats lock") = Some(BatchStats { mean, var, inv_std, count: n * hw });
+        y
+    }
+}
+
+impl CustomOp3 for BnTrain {
+    fn name(&self) -> &'static str {
+        "batch-norm-train"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let d = dims3(l1, self.name())?;
+        if l2.dims() != [d.1] || l3.dims() != [d.1] {
+            bail!("{}: weight/bias must be [{}], got {:?}/{:?}", self.name(), d.1, l2.dims(), l3.dims());
+        }
+        let name = self.name();
+        let out = match s1.dtype() {
+            DType::F32 => CpuStorage::F32(self.run(
+                slice::<f32>(s1, l1, name, "input")?,
+                d,
+                slice::<f32>(s2, l2, name, "weight")?,
+                slice::<f32>(s3, l3, name, "bias")?,
+            )),
+            DType::F64 => CpuStorage::F64(self.run(
+                slice::<f64>(s1, l1, name, "input")?,
+                d,
+                slice::<f64>(s2, l2, name, "weight")?,
+                slice::<f64>(s3, l3, name, "bias")?,
+            )),
+            dt => bail!("{name}: unsupported dtype {dt:?} (f32 or f64)"),
+        };
+        Ok((out, l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        gamma: &Tensor,
+        _beta: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let Some(stats) = self.stats.lock().expect("stats lock").clone() else {
+            bail!("{}: backward before forward", self.name());
+        };
+        let gamma = gamma.to_dtype(DType::F64)?.to_vec1::<f64>()?;
+        let op = BnTrainBwd { stats, gamma, reductions: Mutex::new(None) };
+        let dx = x.apply_op2_no_bwd(&grad.contiguous()?, &op)?;
+        let Some((dgamma, dbeta)) = op.reductions.lock().expect("reductions lock").take() else {
+            bail!("{}: backward produced no parameter gradients", self.name());
+        };
+        let c = dgamma.len();
+        let dev = x.device();
+        let dgamma = Tensor::from_vec(dgamma, c, dev)?.to_dtype(x.dtype())?;
+        let dbeta = Tensor::from_vec(dbeta, c, dev)?.to_dtype(x.dtype())?;
+        Ok((Some(dx), Some(dgamma), Some(dbeta)))
+    }
+}
+
+/// `(x, grad) → ∂x`, leaving `(∂γ, ∂β)` in `reductions`.
+struct BnTrainBwd {
+    stats: BatchStats,
+    gamma: Vec<f64>,
+    reductions: Mutex<Option<(Vec<f64>, Vec<f64>)>>,
+}
+
+impl BnTrainBwd {
+    fn run<T: WithDType>(&self, x: &[T], g: &[T], (n, c, hw): (usize, usize, usize)) -> Vec<T> {
+        let st = &self.stats;
+        let red: Vec<(f64, f64)> = (0..c)
+            .into_par_iter()
+            .map(|ch| {
+                let (mean, inv) = (st.mean[ch], st.inv_std[ch]);
+                let (mut dg, mut db) = (0.0, 0.0);
+                for i in 0..n {
+                    let r = (i * c + ch) * hw..(i * c + ch + 1) * hw;
+                    for (xv, gv) in x[r.clone()].iter().zip(&g[r]) {
+                        let gv = gv.to_f64();
+                        db += gv;
+                        dg += gv * (xv.to_f64() - mean) * inv;
+                    }
+                }
+                (dg, db)
+            })
+            .collect();
+        let m = st.count as f64;
+        let mut dx = vec![T::zero(); x.len()];
+        dx.par_chunks_mut(hw).enumerate().for_each(|(p, dp)| {
+            let ch = p % c;
+            let (mean, inv) = (st.mean[ch], st.inv_std[ch]);
+            let (dg, db) = red[ch];
+            // ∂x = k·g − k·∂β/m − k·(x − μ)·σ⁻¹·∂γ/m with k = γ/σ, as a·g + b·x + e.
+            let k = self.gamma[ch] * inv;
+            let bx = -k * inv * dg / m;
+            let e = -k * db / m - bx * mean;
+            let (k, bx, e) = (T::from_f64(k), T::from_f64(bx), T::from_f64(e));
+            let r = p * hw..(p + 1) * hw;
+            for ((d, xv), gv) in dp.iter_mut().zip(&x[r.clone()]).zip(&g[r]) {
+                *d = k * *gv + bx * *xv + e;
+            }
+        });
+        *self.reductions.lock().expect("reductions lock") =
+            Some((red.iter().map(|r| r.0).collect(), red.iter().map(|r| r.1).collect()));
+        dx
+    }
+}
+
+impl CustomOp2 for BnTrainBwd {
+    fn name(&self) -> &'static str {
+        "batch-norm-train-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let d = dims3(l1, self.name())?;
+        if l1.shape() != l2.shape() {
+            bail!("{}: input {:?} and grad {:?} differ", self.name(), l1.dims(), l2.dims());
+        }
+        let name = self.name();
+        let out = match s1.dtype() {
+            DType::F32 => CpuStorage::F32(self.run(
+                slice::<f32>(s1, l1, name, "input")?,
+                slice::<f32>(s2, l2, name, "grad")?,
+                d,
+            )),
+            DType::F64 => CpuStorage::F64(self.run(
+                slice::<f64>(s1, l1, name, "input")?,
+                slice::<f64>(s2, l2, name, "grad")?,
+                d,
+            )),
+            dt => bail!("{name}: unsupported dtype {dt:?} (f32 or f64)"),
+        };
+        Ok((out, l1.shape().clone()))
+    }
+}
+
+/// Training-mode batch norm of `x3 [n, c, h·w]` with affine `gamma`, `beta` (`[c]`), on CPU.
+/// Returns the output and the batch statistics (for the running averages).
+pub fn batch_norm_train_cpu(
+    x3: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    eps: f64,
+) -> Result<(Tensor, BatchStats)> {
+    let slot = Arc::new(Mutex::new(None));
+    let op = BnTrain { eps, stats: slot.clone() };
+    let y = x3.contiguous()?.apply_op3(&gamma.contiguous()?, &beta.contiguous()?, op)?;
+    let Some(stats) = slot.lock().expect("stats lock").clone() else {
+        bail!("batch-norm-train: forward produced no statistics");
+    };
+    Ok((y, stats))
+}
