@@ -15,6 +15,7 @@ pub mod error;
 pub mod load;
 pub mod metrics;
 pub mod pipeline;
+pub mod predict;
 pub mod prep;
 pub mod service;
 pub mod storage;
