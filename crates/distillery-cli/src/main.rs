@@ -7,6 +7,7 @@
 
 mod cmd;
 mod output;
+mod progress;
 
 use std::process::ExitCode;
 
@@ -26,10 +27,32 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// List every model with parameters, MACs and input shape.
-    Models(cmd::models::ModelsArgs),
+    /// Label a faces dataset with a teacher into a Lance cache (via a coordinator or embedded).
+    Label(cmd::label::LabelArgs),
+    /// Inspect and maintain teacher caches.
+    Cache(cmd::cache::CacheArgs),
+    /// Run a teacher or a trained student on images or a preprocessed array.
+    Predict(cmd::predict::PredictArgs),
+    /// Run a service: coordinator or teacher worker.
+    Serve(ServeArgs),
     /// Print shell completions for bash, zsh, fish, elvish or powershell.
     Completions(cmd::completions::CompletionsArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct ServeArgs {
+    #[command(subcommand)]
+    service: Service,
+}
+
+#[derive(Subcommand, Debug)]
+enum Service {
+    /// The coordinator: splits labelling jobs into shards, leases them, commits results once.
+    #[command(after_help = "Example: distillery serve coordinator --listen 0.0.0.0:50051 --state-dir /var/lib/distillery")]
+    Coordinator(cmd::serve_coordinator::ServeCoordinatorArgs),
+    /// A teacher worker: leases shards from a coordinator, labels them, serves its teacher.
+    #[command(after_help = "Example: distillery serve teacher --coordinator http://coordinator:50051 --teacher configs/teachers/faceapi.toml")]
+    Teacher(cmd::serve_teacher::ServeTeacherArgs),
 }
 
 fn main() -> ExitCode {
@@ -41,7 +64,15 @@ fn main() -> ExitCode {
     };
     let result = rt.block_on(async move {
         match cli.command {
-            Command::Models(a) => cmd::models::run(a).await,
+            Command::Label(a) => cmd::label::run(a).await,
+            Command::Cache(a) => cmd::cache::run(a).await,
+            Command::Predict(a) => cmd::predict::run(a).await,
+            Command::Serve(ServeArgs { service: Service::Coordinator(a) }) => {
+                cmd::serve_coordinator::run(a).await.map(|()| ExitCode::SUCCESS)
+            }
+            Command::Serve(ServeArgs { service: Service::Teacher(a) }) => {
+                cmd::serve_teacher::run(a).await.map(|()| ExitCode::SUCCESS)
+            }
             Command::Completions(a) => cmd::completions::run::<Cli>(a),
         }
     });

@@ -1,4 +1,8 @@
 //! One module per subcommand: argument structs and the glue that calls the libraries.
 
+pub mod cache;
 pub mod completions;
-pub mod models;
+pub mod label;
+pub mod predict;
+pub mod serve_coordinator;
+pub mod serve_teacher;

@@ -1,0 +1,19 @@
+//! Errors of the embedded cluster and of the labelling client.
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("coordinator: {0}")]
+    Coordinator(#[from] distillery_coordinator::ServeError),
+    #[error("teacher worker: {0}")]
+    Worker(#[from] distillery_teacher::Error),
+    #[error("cannot reach the coordinator at {endpoint}: {reason}")]
+    Connect { endpoint: String, reason: String },
+    #[error("{call} failed: {status}")]
+    Rpc { call: &'static str, status: Box<tonic::Status> },
+    #[error("invalid {what}: {reason}")]
+    Invalid { what: &'static str, reason: String },
+    #[error("labelling job {job_id} ended {state}: {detail}")]
+    JobFailed { job_id: String, state: String, detail: String },
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,12 @@
+//! The whole system in one process: a coordinator and K teacher workers as real gRPC servers on
+//! loopback (`distillery label --local`), the client side of labelling (submit a job and follow it
+//! to the end), and the embedded quickstart that chains synthesis, labelling, distillation and
+//! evaluation.
+
+pub mod cluster;
+pub mod error;
+pub mod label;
+
+pub use cluster::{LocalCluster, LocalClusterConfig};
+pub use error::{Error, Result};
+pub use label::{JobProgress, LabelRequest, submit_and_wait};
