@@ -136,7 +136,7 @@ fn batch_to_tensor_stacks_and_checks_lengths() {
     assert_eq!(rows[0], a);
     assert_eq!(rows[1][0], a[0] + 1.0);
     let nhwc = Preprocess { layout: Layout::Nhwc, ..p.clone() };
-    assert_eq!(batch_to_tensor(&[a.clone()], &nhwc, &Device::Cpu).unwrap().dims(), &[1, 2, 2, 3]);
+    assert_eq!(batch_to_tensor(std::slice::from_ref(&a), &nhwc, &Device::Cpu).unwrap().dims(), &[1, 2, 2, 3]);
     let e = batch_to_tensor(&[a, vec![0.0; 3]], &p, &Device::Cpu).unwrap_err().to_string();
     assert!(e.contains("item 1"), "{e}");
 }

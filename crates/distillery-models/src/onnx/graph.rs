@@ -132,7 +132,7 @@ impl OnnxGraph {
             let ys = step.op.exec(&args).map_err(|source| OnnxError::Node {
                 op_type: step.op_type.clone(),
                 node: step.name.clone(),
-                source,
+                source: Box::new(source),
             })?;
             for (o, y) in step.outputs.iter().zip(ys) {
                 if let Some(o) = o {
@@ -242,7 +242,7 @@ impl OnnxGraph {
             let ys = st.op.exec(&args).map_err(|source| OnnxError::Node {
                 op_type: st.op_type.clone(),
                 node: st.name.clone(),
-                source,
+                source: Box::new(source),
             })?;
             drop(args);
             for s in st.inputs.iter().flatten() {

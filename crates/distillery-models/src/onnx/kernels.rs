@@ -236,7 +236,7 @@ fn conv2d(x: &Tensor, w: &Tensor, b: Option<&Tensor>, c: &ConvAttrs) -> Result<T
     {
         bail!("kernel_shape {k:?} does not match the weight shape {:?}", w.dims());
     }
-    if c_in_g * c.group != c_in || c_out % c.group != 0 {
+    if c_in_g * c.group != c_in || !c_out.is_multiple_of(c.group) {
         bail!("input channels {c_in} / weight {:?} do not fit group {}", w.dims(), c.group);
     }
     let [ay, ax]: [Axis; 2] = axes(&[h, wd], &[kh, kw], &c.strides, &c.dilations, &c.pads, c.auto_pad)?
@@ -431,7 +431,7 @@ pub(crate) fn pool(x: &Tensor, p: &PoolAttrs) -> Result<Tensor> {
         let m: Vec<f32> = (0..padded_len[i])
             .map(|j| if j >= counted_start && j < counted_end { 1.0 } else { 0.0 })
             .collect();
-        needs_correction |= m.iter().any(|&v| v == 0.0);
+        needs_correction |= m.contains(&0.0);
         masks.push(m);
     }
     let (kh, kw) = (p.kernel[0], p.kernel[1]);

@@ -52,16 +52,22 @@ pub enum OnnxError {
     Graph(String),
     /// A node failed while running.
     #[error("ONNX node `{node}` ({op_type}) failed: {source}")]
-    Node { op_type: String, node: String, source: candle_core::Error },
+    Node { op_type: String, node: String, source: Box<candle_core::Error> },
     /// A candle error outside any node (moving inputs, post-processing outputs).
     #[error(transparent)]
-    Candle(#[from] candle_core::Error),
+    Candle(Box<candle_core::Error>),
+}
+
+impl From<candle_core::Error> for OnnxError {
+    fn from(e: candle_core::Error) -> Self {
+        OnnxError::Candle(Box::new(e))
+    }
 }
 
 impl From<OnnxError> for candle_core::Error {
     fn from(e: OnnxError) -> Self {
         match e {
-            OnnxError::Candle(c) => c,
+            OnnxError::Candle(c) => *c,
             other => candle_core::Error::Msg(other.to_string()),
         }
     }

@@ -117,7 +117,7 @@ fn chunks<'a, const N: usize>(
     raw: &'a [u8],
     name: &str,
 ) -> Result<impl Iterator<Item = [u8; N]> + 'a, String> {
-    if raw.len() % N != 0 {
+    if !raw.len().is_multiple_of(N) {
         return Err(format!("tensor `{name}` has {} raw bytes, not a multiple of {N}", raw.len()));
     }
     Ok(raw.chunks_exact(N).map(|c| c.try_into().expect("exact chunk")))
