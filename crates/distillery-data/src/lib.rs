@@ -4,6 +4,7 @@
 //! preprocessing that turns an encoded face into a model input live here. Storage is the cache crate's.
 
 pub mod batch;
+pub mod preprocess;
 pub mod record;
 pub mod view;
 

@@ -7,6 +7,7 @@
 pub mod cost;
 pub mod losses;
 pub mod nn;
+pub mod onnx;
 pub mod student;
 pub mod students;
 pub mod teacher;

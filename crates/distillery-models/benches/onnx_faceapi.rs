@@ -1,0 +1,39 @@
+//! Throughput of the face-api ONNX teacher on CPU at batch 1 and 32 (images/s).
+//!
+//! `cargo bench -p distillery-models --bench onnx_faceapi` (needs `../shared/reference`).
+
+#![allow(clippy::print_stdout)]
+
+use std::path::Path;
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor};
+use distillery_models::Teacher;
+use distillery_models::onnx::{OnnxTeacher, OnnxTeacherConfig};
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let Some(reference) = distillery_core::reference::require("onnx_faceapi bench") else {
+        return Ok(());
+    };
+    let cfg_path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs/teachers/faceapi.toml");
+    let mut cfg = OnnxTeacherConfig::from_file(&cfg_path)?;
+    cfg.model = reference.join("teachers/faceapi_expression.onnx");
+    let t = OnnxTeacher::from_config(cfg, cfg_path.parent().unwrap(), &Device::Cpu)?;
+    println!("faceapi teacher: {} nodes per batch after folding", t.graph().num_steps());
+    for batch in [1usize, 32] {
+        let x = (Tensor::rand(0f32, 255.0, (batch, 3, 112, 112), &Device::Cpu)?).to_dtype(DType::F32)?;
+        t.forward(&x)?; // warm-up
+        let iters = if batch == 1 { 50 } else { 5 };
+        let start = Instant::now();
+        for _ in 0..iters {
+            t.forward(&x)?;
+        }
+        let secs = start.elapsed().as_secs_f64();
+        println!(
+            "batch {batch:>2}: {:>8.1} images/s ({:.2} ms/batch)",
+            (batch * iters) as f64 / secs,
+            secs * 1e3 / iters as f64
+        );
+    }
+    Ok(())
+}

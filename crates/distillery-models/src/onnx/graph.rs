@@ -1,0 +1,301 @@
+//! An ONNX graph turned into an execution plan, and its evaluation.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use candle_core::{Device, Tensor};
+use candle_onnx::onnx::{ModelProto, NodeProto};
+use prost::Message;
+
+use super::OnnxError;
+use super::ops::{Op, ParseError};
+use super::proto::tensor_from_proto;
+
+/// One node of the plan. Inputs and outputs are value slots; `None` marks an omitted optional.
+#[derive(Debug)]
+struct Step {
+    name: String,
+    op_type: String,
+    op: Op,
+    inputs: Vec<Option<usize>>,
+    outputs: Vec<Option<usize>>,
+}
+
+/// A parsed ONNX model ready to run: nodes topologically ordered, constants as tensors on the
+/// device, and every node whose inputs are all constants already evaluated.
+#[derive(Debug)]
+pub struct OnnxGraph {
+    device: Device,
+    opset: i64,
+    /// Value name → slot.
+    slots: HashMap<String, usize>,
+    /// Per slot: the constant tensor (initializers and folded values), if any.
+    constants: Vec<Option<Tensor>>,
+    /// Per slot: index of the step that produces it, if any.
+    producer: Vec<Option<usize>>,
+    /// Runtime inputs (graph inputs that are not initializers), by name.
+    inputs: Vec<(String, usize)>,
+    /// Names of the graph's declared outputs.
+    outputs: Vec<String>,
+    steps: Vec<Step>,
+}
+
+impl OnnxGraph {
+    /// Reads and plans the model at `path`.
+    pub fn load(path: &Path, device: &Device) -> Result<Self, OnnxError> {
+        let bytes =
+            std::fs::read(path).map_err(|source| OnnxError::Io { path: path.to_path_buf(), source })?;
+        Self::from_bytes(&bytes, device).map_err(|e| match e {
+            OnnxError::Decode { reason, .. } => OnnxError::Decode { path: path.to_path_buf(), reason },
+            other => other,
+        })
+    }
+
+    /// Decodes and plans a serialised `ModelProto`.
+    pub fn from_bytes(bytes: &[u8], device: &Device) -> Result<Self, OnnxError> {
+        let model = ModelProto::decode(bytes)
+            .map_err(|e| OnnxError::Decode { path: "<memory>".into(), reason: e.to_string() })?;
+        Self::from_model(&model, device)
+    }
+
+    /// Plans an in-memory model.
+    pub fn from_model(model: &ModelProto, device: &Device) -> Result<Self, OnnxError> {
+        let graph = model.graph.as_ref().ok_or_else(|| OnnxError::Graph("the model has no graph".into()))?;
+        let opset = model
+            .opset_import
+            .iter()
+            .find(|o| o.domain.is_empty() || o.domain == "ai.onnx")
+            .map_or(1, |o| o.version);
+        let mut g = OnnxGraph {
+            device: device.clone(),
+            opset,
+            slots: HashMap::new(),
+            constants: Vec::new(),
+            producer: Vec::new(),
+            inputs: Vec::new(),
+            outputs: graph.output.iter().map(|o| o.name.clone()).collect(),
+            steps: Vec::new(),
+        };
+        for init in &graph.initializer {
+            let t = tensor_from_proto(init, device).map_err(OnnxError::Graph)?;
+            let s = g.slot(&init.name);
+            g.constants[s] = Some(t);
+        }
+        for inp in &graph.input {
+            let s = g.slot(&inp.name);
+            if g.constants[s].is_none() {
+                g.inputs.push((inp.name.clone(), s));
+            }
+        }
+        for node in order(&graph.node, &g)? {
+            g.add_node(node)?;
+        }
+        for o in &g.outputs {
+            if !g.slots.contains_key(o) {
+                return Err(OnnxError::Graph(format!("graph output `{o}` is produced by no node")));
+            }
+        }
+        Ok(g)
+    }
+
+    fn slot(&mut self, name: &str) -> usize {
+        if let Some(&s) = self.slots.get(name) {
+            return s;
+        }
+        let s = self.constants.len();
+        self.slots.insert(name.to_string(), s);
+        self.constants.push(None);
+        self.producer.push(None);
+        s
+    }
+
+    fn add_node(&mut self, node: &NodeProto) -> Result<(), OnnxError> {
+        let op = Op::parse(node, self.opset, &self.device).map_err(|e| match e {
+            ParseError::Unsupported => OnnxError::UnsupportedOp {
+                op_type: node.op_type.clone(),
+                domain: if node.domain.is_empty() { "ai.onnx".into() } else { node.domain.clone() },
+                node: node.name.clone(),
+            },
+            ParseError::Bad(reason) => {
+                OnnxError::BadNode { op_type: node.op_type.clone(), node: node.name.clone(), reason }
+            }
+        })?;
+        let inputs: Vec<Option<usize>> =
+            node.input.iter().map(|n| if n.is_empty() { None } else { Some(self.slot(n)) }).collect();
+        let outputs: Vec<Option<usize>> =
+            node.output.iter().map(|n| if n.is_empty() { None } else { Some(self.slot(n)) }).collect();
+        let step = Step { name: node.name.clone(), op_type: node.op_type.clone(), op, inputs, outputs };
+        // Fold nodes whose inputs are all constants: they cost nothing per batch afterwards.
+        if step.inputs.iter().flatten().all(|&s| self.constants[s].is_some()) {
+            let args: Vec<Option<&Tensor>> =
+                step.inputs.iter().map(|s| s.and_then(|s| self.constants[s].as_ref())).collect();
+            let ys = step.op.exec(&args).map_err(|source| OnnxError::Node {
+                op_type: step.op_type.clone(),
+                node: step.name.clone(),
+                source: Box::new(source),
+            })?;
+            for (o, y) in step.outputs.iter().zip(ys) {
+                if let Some(o) = o {
+                    self.constants[*o] = Some(y);
+                }
+            }
+            return Ok(());
+        }
+        let idx = self.steps.len();
+        for o in step.outputs.iter().flatten() {
+            self.producer[*o] = Some(idx);
+        }
+        self.steps.push(step);
+        Ok(())
+    }
+
+    /// The device tensors live on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// The default-domain opset the model declares.
+    pub fn opset(&self) -> i64 {
+        self.opset
+    }
+
+    /// Names of the inputs a run must supply.
+    pub fn input_names(&self) -> Vec<&str> {
+        self.inputs.iter().map(|(n, _)| n.as_str()).collect()
+    }
+
+    /// Names of the graph's declared outputs.
+    pub fn output_names(&self) -> &[String] {
+        &self.outputs
+    }
+
+    /// Number of nodes left to run per batch (after constant folding).
+    pub fn num_steps(&self) -> usize {
+        self.steps.len()
+    }
+
+    /// Whether `name` is a value of the graph (input, initializer or node output).
+    pub fn has_value(&self, name: &str) -> bool {
+        self.slots.contains_key(name)
+    }
+
+    /// Evaluates the graph: `inputs` by name, returning the values named in `outputs` (declared
+    /// outputs or any intermediate value), in that order. Only the nodes those outputs need run.
+    pub fn run(&self, inputs: &[(&str, &Tensor)], outputs: &[&str]) -> Result<Vec<Tensor>, OnnxError> {
+        let mut values: Vec<Option<Tensor>> = self.constants.clone();
+        for (name, t) in inputs {
+            let Some(&(_, s)) = self.inputs.iter().find(|(n, _)| n == name) else {
+                return Err(OnnxError::Graph(format!(
+                    "`{name}` is not an input of the graph (inputs: {:?})",
+                    self.input_names()
+                )));
+            };
+            values[s] = Some(t.to_device(&self.device)?);
+        }
+        let mut wanted = Vec::with_capacity(outputs.len());
+        for o in outputs {
+            let s = *self
+                .slots
+                .get(*o)
+                .ok_or_else(|| OnnxError::Graph(format!("`{o}` is not a value of the graph")))?;
+            wanted.push(s);
+        }
+        // Steps needed for the wanted values, found walking producers backwards.
+        let mut needed = vec![false; self.steps.len()];
+        let mut stack: Vec<usize> = wanted.iter().filter_map(|&s| self.producer[s]).collect();
+        while let Some(i) = stack.pop() {
+            if std::mem::replace(&mut needed[i], true) {
+                continue;
+            }
+            stack.extend(self.steps[i].inputs.iter().flatten().filter_map(|&s| self.producer[s]));
+        }
+        // Remaining uses per slot, so intermediates are dropped as soon as possible.
+        let mut uses = vec![0usize; values.len()];
+        for (i, st) in self.steps.iter().enumerate() {
+            if needed[i] {
+                st.inputs.iter().flatten().for_each(|&s| uses[s] += 1);
+            }
+        }
+        wanted.iter().for_each(|&s| uses[s] += 1);
+        for (i, st) in self.steps.iter().enumerate() {
+            if !needed[i] {
+                continue;
+            }
+            let mut args = Vec::with_capacity(st.inputs.len());
+            for inp in &st.inputs {
+                match inp {
+                    None => args.push(None),
+                    Some(s) => match &values[*s] {
+                        Some(t) => args.push(Some(t)),
+                        None => {
+                            let name =
+                                self.slots.iter().find(|(_, v)| **v == *s).map_or("?", |(k, _)| k.as_str());
+                            return Err(OnnxError::BadNode {
+                                op_type: st.op_type.clone(),
+                                node: st.name.clone(),
+                                reason: format!("input `{name}` was not provided"),
+                            });
+                        }
+                    },
+                }
+            }
+            let ys = st.op.exec(&args).map_err(|source| OnnxError::Node {
+                op_type: st.op_type.clone(),
+                node: st.name.clone(),
+                source: Box::new(source),
+            })?;
+            drop(args);
+            for s in st.inputs.iter().flatten() {
+                uses[*s] -= 1;
+                if uses[*s] == 0 && self.constants[*s].is_none() {
+                    values[*s] = None;
+                }
+            }
+            for (o, y) in st.outputs.iter().zip(ys) {
+                if let Some(o) = o {
+                    values[*o] = Some(y);
+                }
+            }
+        }
+        wanted
+            .iter()
+            .zip(outputs)
+            .map(|(&s, name)| {
+                values[s].clone().ok_or_else(|| OnnxError::Graph(format!("value `{name}` was not computed")))
+            })
+            .collect()
+    }
+}
+
+/// The nodes in an order where every input is available before use (Kahn's algorithm, stable
+/// for graphs already in order).
+fn order<'a>(nodes: &'a [NodeProto], g: &OnnxGraph) -> Result<Vec<&'a NodeProto>, OnnxError> {
+    let mut available: std::collections::HashSet<&str> = g.slots.keys().map(String::as_str).collect();
+    let mut done = vec![false; nodes.len()];
+    let mut out = Vec::with_capacity(nodes.len());
+    loop {
+        let mut progressed = false;
+        for (i, n) in nodes.iter().enumerate() {
+            if done[i] || !n.input.iter().all(|x| x.is_empty() || available.contains(x.as_str())) {
+                continue;
+            }
+            done[i] = true;
+            progressed = true;
+            out.push(n);
+            available.extend(n.output.iter().filter(|o| !o.is_empty()).map(String::as_str));
+        }
+        if out.len() == nodes.len() {
+            return Ok(out);
+        }
+        if !progressed {
+            let (i, n) = nodes.iter().enumerate().find(|(i, _)| !done[*i]).expect("a pending node");
+            let missing = n.input.iter().find(|x| !x.is_empty() && !available.contains(x.as_str()));
+            return Err(OnnxError::Graph(format!(
+                "node `{}` ({}, #{i}) needs `{}`, which no initializer, input or node provides (or a cycle)",
+                n.name,
+                n.op_type,
+                missing.map_or("?", |s| s.as_str())
+            )));
+        }
+    }
+}

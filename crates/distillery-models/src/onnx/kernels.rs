@@ -1,0 +1,459 @@
+//! Convolution and pooling with ONNX semantics on top of candle.
+//!
+//! candle's `conv2d` takes one symmetric padding, stride and dilation for both axes, and its pools
+//! take no padding at all. ONNX allows per-side pads, `auto_pad`, `ceil_mode` and
+//! `count_include_pad`, so asymmetric pads are applied explicitly to the input (zeros for
+//! convolution and average pooling, −∞ for max pooling) and average pools are corrected by the
+//! fraction of each window that counts.
+//!
+//! Depthwise convolution (`group == C_in`, one input channel per group) is run by a direct CPU
+//! kernel: candle implements grouped convolution as one convolution per group, which for
+//! depthwise layers means C tiny convolutions and dominates the run time of mobile networks.
+
+use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor, bail};
+use rayon::prelude::*;
+
+use super::proto::Attrs;
+use crate::cost;
+
+/// ONNX `auto_pad`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum AutoPad {
+    NotSet,
+    SameUpper,
+    SameLower,
+    Valid,
+}
+
+impl AutoPad {
+    fn parse(a: &Attrs<'_>) -> std::result::Result<Self, String> {
+        match a.string("auto_pad").as_deref() {
+            None | Some("NOTSET") | Some("") => Ok(AutoPad::NotSet),
+            Some("SAME_UPPER") => Ok(AutoPad::SameUpper),
+            Some("SAME_LOWER") => Ok(AutoPad::SameLower),
+            Some("VALID") => Ok(AutoPad::Valid),
+            Some(o) => Err(format!("unknown auto_pad `{o}`")),
+        }
+    }
+}
+
+fn positive(name: &str, v: Option<Vec<i64>>, min: i64) -> std::result::Result<Option<Vec<usize>>, String> {
+    match v {
+        None => Ok(None),
+        Some(v) => {
+            if v.iter().any(|&x| x < min) {
+                return Err(format!("`{name}` {v:?} has values below {min}"));
+            }
+            Ok(Some(v.into_iter().map(|x| x as usize).collect()))
+        }
+    }
+}
+
+/// Attributes of a `Conv` node.
+#[derive(Clone, Debug)]
+pub(crate) struct ConvAttrs {
+    kernel_shape: Option<Vec<usize>>,
+    strides: Option<Vec<usize>>,
+    dilations: Option<Vec<usize>>,
+    pads: Option<Vec<usize>>,
+    group: usize,
+    auto_pad: AutoPad,
+}
+
+impl ConvAttrs {
+    pub(crate) fn parse(a: &Attrs<'_>) -> std::result::Result<Self, String> {
+        let group = a.int("group", 1);
+        if group < 1 {
+            return Err(format!("group {group} must be ≥ 1"));
+        }
+        Ok(Self {
+            kernel_shape: positive("kernel_shape", a.ints("kernel_shape"), 1)?,
+            strides: positive("strides", a.ints("strides"), 1)?,
+            dilations: positive("dilations", a.ints("dilations"), 1)?,
+            pads: positive("pads", a.ints("pads"), 0)?,
+            group: group as usize,
+            auto_pad: AutoPad::parse(a)?,
+        })
+    }
+}
+
+/// Per-axis geometry of a sliding window.
+#[derive(Clone, Copy, Debug)]
+struct Axis {
+    input: usize,
+    kernel: usize,
+    stride: usize,
+    dilation: usize,
+    pad_begin: usize,
+    pad_end: usize,
+}
+
+impl Axis {
+    fn span(&self) -> usize {
+        (self.kernel - 1) * self.dilation + 1
+    }
+
+    /// Output length without ceil mode.
+    fn out_floor(&self) -> Result<usize> {
+        let padded = self.input + self.pad_begin + self.pad_end;
+        if padded < self.span() {
+            bail!("window {} is larger than the padded input {padded}", self.span());
+        }
+        Ok((padded - self.span()) / self.stride + 1)
+    }
+}
+
+/// Resolves explicit pads or `auto_pad` into per-axis geometry.
+fn axes(
+    input: &[usize],
+    kernel: &[usize],
+    strides: &Option<Vec<usize>>,
+    dilations: &Option<Vec<usize>>,
+    pads: &Option<Vec<usize>>,
+    auto_pad: AutoPad,
+) -> Result<Vec<Axis>> {
+    let n = input.len();
+    let pick = |v: &Option<Vec<usize>>, name: &str, default: usize| -> Result<Vec<usize>> {
+        match v {
+            None => Ok(vec![default; n]),
+            Some(v) if v.len() == n => Ok(v.clone()),
+            Some(v) => bail!("`{name}` {v:?} does not have {n} spatial entries"),
+        }
+    };
+    let strides = pick(strides, "strides", 1)?;
+    let dilations = pick(dilations, "dilations", 1)?;
+    let pads = match pads {
+        Some(p) if p.len() == 2 * n => p.clone(),
+        Some(p) => bail!("`pads` {p:?} does not have {} entries", 2 * n),
+        None => vec![0; 2 * n],
+    };
+    if kernel.len() != n {
+        bail!("kernel {kernel:?} does not match the {n} spatial axes of the input");
+    }
+    let mut out = Vec::with_capacity(n);
+    for i in 0..n {
+        let mut ax = Axis {
+            input: input[i],
+            kernel: kernel[i],
+            stride: strides[i],
+            dilation: dilations[i],
+            pad_begin: pads[i],
+            pad_end: pads[i + n],
+        };
+        match auto_pad {
+            AutoPad::NotSet => {}
+            AutoPad::Valid => {
+                ax.pad_begin = 0;
+                ax.pad_end = 0;
+            }
+            AutoPad::SameUpper | AutoPad::SameLower => {
+                let out_len = ax.input.div_ceil(ax.stride);
+                let total = ((out_len - 1) * ax.stride + ax.span()).saturating_sub(ax.input);
+                let small = total / 2;
+                (ax.pad_begin, ax.pad_end) = if auto_pad == AutoPad::SameUpper {
+                    (small, total - small)
+                } else {
+                    (total - small, small)
+                };
+            }
+        }
+        out.push(ax);
+    }
+    Ok(out)
+}
+
+/// Pads (or, for negative amounts, crops) `x` along `axis` with `value`, or by repeating the edge.
+pub(crate) fn pad_axis(
+    x: &Tensor,
+    axis: usize,
+    before: i64,
+    after: i64,
+    value: f32,
+    edge: bool,
+) -> Result<Tensor> {
+    let mut y = x.clone();
+    if before < 0 || after < 0 {
+        let len = y.dim(axis)? as i64;
+        let start = (-before).max(0);
+        let stop = len - (-after).max(0);
+        if stop < start {
+            bail!("negative pads ({before}, {after}) remove more than the {len} elements of axis {axis}");
+        }
+        y = y.narrow(axis, start as usize, (stop - start) as usize)?;
+    }
+    let (b, a) = (before.max(0) as usize, after.max(0) as usize);
+    if b == 0 && a == 0 {
+        return Ok(y);
+    }
+    if edge {
+        return y.pad_with_same(axis, b, a);
+    }
+    if value == 0.0 {
+        return y.pad_with_zeros(axis, b, a);
+    }
+    let block = |n: usize| -> Result<Tensor> {
+        let mut dims = y.dims().to_vec();
+        dims[axis] = n;
+        Tensor::full(value, dims, y.device())?.to_dtype(y.dtype())
+    };
+    let mut parts = Vec::with_capacity(3);
+    if b > 0 {
+        parts.push(block(b)?);
+    }
+    parts.push(y.clone());
+    if a > 0 {
+        parts.push(block(a)?);
+    }
+    Tensor::cat(&parts, axis)
+}
+
+/// ONNX `Conv` for 1-D and 2-D inputs (`[N, C, L]` or `[N, C, H, W]`).
+pub(crate) fn conv(x: &Tensor, w: &Tensor, b: Option<&Tensor>, c: &ConvAttrs) -> Result<Tensor> {
+    match x.rank() {
+        3 => {
+            // A 1-D convolution is a 2-D one over a height-1 image.
+            let lift =
+                |v: &Option<Vec<usize>>, pad: usize| v.as_ref().map(|v| [vec![pad], v.clone()].concat());
+            let c2 = ConvAttrs {
+                kernel_shape: c.kernel_shape.as_ref().map(|k| [vec![1], k.clone()].concat()),
+                strides: lift(&c.strides, 1),
+                dilations: lift(&c.dilations, 1),
+                pads: c.pads.as_ref().map(|p| vec![0, p[0], 0, *p.get(1).unwrap_or(&0)]),
+                ..c.clone()
+            };
+            conv(&x.unsqueeze(2)?, &w.unsqueeze(2)?, b, &c2)?.squeeze(2)
+        }
+        4 => conv2d(x, w, b, c),
+        r => bail!("only 1-D and 2-D convolutions are supported, input has rank {r}"),
+    }
+}
+
+fn conv2d(x: &Tensor, w: &Tensor, b: Option<&Tensor>, c: &ConvAttrs) -> Result<Tensor> {
+    let (_n, c_in, h, wd) = x.dims4()?;
+    let (c_out, c_in_g, kh, kw) = w.dims4()?;
+    if let Some(k) = &c.kernel_shape
+        && k.as_slice() != [kh, kw]
+    {
+        bail!("kernel_shape {k:?} does not match the weight shape {:?}", w.dims());
+    }
+    if c_in_g * c.group != c_in || !c_out.is_multiple_of(c.group) {
+        bail!("input channels {c_in} / weight {:?} do not fit group {}", w.dims(), c.group);
+    }
+    let [ay, ax]: [Axis; 2] = axes(&[h, wd], &[kh, kw], &c.strides, &c.dilations, &c.pads, c.auto_pad)?
+        .try_into()
+        .expect("two axes");
+    let (oh, ow) = (ay.out_floor()?, ax.out_floor()?);
+    let y = if c.group == c_in && c_in_g == 1 && x.device().is_cpu() && x.dtype() == DType::F32 {
+        let wv = w.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        let bv = b.map(|b| b.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()).transpose()?;
+        let op = Depthwise { weight: wv, bias: bv, c_out, y: ay, x: ax, out: (oh, ow) };
+        x.contiguous()?.apply_op1_no_bwd(&op)?
+    } else {
+        if ay.stride != ax.stride || ay.dilation != ax.dilation {
+            bail!("strides/dilations that differ between H and W are not supported");
+        }
+        let symmetric =
+            ay.pad_begin == ay.pad_end && ax.pad_begin == ax.pad_end && ay.pad_begin == ax.pad_begin;
+        let (xp, pad) = if symmetric {
+            (x.clone(), ay.pad_begin)
+        } else {
+            let xp = pad_axis(x, 2, ay.pad_begin as i64, ay.pad_end as i64, 0.0, false)?;
+            (pad_axis(&xp, 3, ax.pad_begin as i64, ax.pad_end as i64, 0.0, false)?, 0)
+        };
+        let y = xp.conv2d(w, pad, ay.stride, ay.dilation, c.group)?;
+        match b {
+            Some(b) => y.broadcast_add(&b.reshape((1, c_out, 1, 1))?)?,
+            None => y,
+        }
+    };
+    cost::record(cost::conv2d_macs(y.dims(), c_in_g, kh, kw));
+    Ok(y)
+}
+
+/// Direct depthwise convolution (one input channel per group, `c_out = m·c_in`) with bias.
+struct Depthwise {
+    weight: Vec<f32>,
+    bias: Option<Vec<f32>>,
+    c_out: usize,
+    y: Axis,
+    x: Axis,
+    out: (usize, usize),
+}
+
+impl CustomOp1 for Depthwise {
+    fn name(&self) -> &'static str {
+        "onnx-depthwise-conv2d"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let CpuStorage::F32(data) = storage else { bail!("depthwise conv expects f32") };
+        if !layout.is_contiguous() {
+            bail!("depthwise conv expects a contiguous input");
+        }
+        let (n, c_in, h, w) = layout.shape().dims4()?;
+        let src = &data[layout.start_offset()..layout.start_offset() + n * c_in * h * w];
+        let (oh, ow) = self.out;
+        let mult = self.c_out / c_in;
+        let (kh, kw) = (self.y.kernel, self.x.kernel);
+        let (sy, sx, dy, dx) = (self.y.stride, self.x.stride, self.y.dilation, self.x.dilation);
+        let (py, px) = (self.y.pad_begin as isize, self.x.pad_begin as isize);
+        let mut dst = vec![0f32; n * self.c_out * oh * ow];
+        dst.par_chunks_mut(oh * ow).enumerate().for_each(|(plane, out)| {
+            let co = plane % self.c_out;
+            let img = plane / self.c_out;
+            let inp = &src[(img * c_in + co / mult) * h * w..][..h * w];
+            let wk = &self.weight[co * kh * kw..][..kh * kw];
+            out.fill(self.bias.as_ref().map_or(0.0, |b| b[co]));
+            // Output columns whose input column stays inside the image, for kernel column j.
+            let col_range = |j: usize| -> (usize, usize) {
+                let off = (j * dx) as isize - px;
+                let lo = if off >= 0 { 0 } else { ((-off) as usize).div_ceil(sx) };
+                let hi_excl =
+                    if (w as isize - off) <= 0 { 0 } else { ((w as isize - off - 1) as usize) / sx + 1 };
+                (lo.min(ow), hi_excl.min(ow))
+            };
+            let ranges: Vec<(usize, usize)> = (0..kw).map(col_range).collect();
+            for oy in 0..oh {
+                let row = &mut out[oy * ow..][..ow];
+                for i in 0..kh {
+                    let iy = (oy * sy + i * dy) as isize - py;
+                    if iy < 0 || iy >= h as isize {
+                        continue;
+                    }
+                    let in_row = &inp[iy as usize * w..][..w];
+                    for (j, &(lo, hi)) in ranges.iter().enumerate() {
+                        if lo >= hi {
+                            continue;
+                        }
+                        let wv = wk[i * kw + j];
+                        let start = (lo * sx + j * dx) as isize - px;
+                        if sx == 1 {
+                            let src_row = &in_row[start as usize..][..hi - lo];
+                            for (o, s) in row[lo..hi].iter_mut().zip(src_row) {
+                                *o += wv * s;
+                            }
+                        } else {
+                            for (k, o) in row[lo..hi].iter_mut().enumerate() {
+                                *o += wv * in_row[start as usize + k * sx];
+                            }
+                        }
+                    }
+                }
+            }
+        });
+        Ok((CpuStorage::F32(dst), Shape::from((n, self.c_out, oh, ow))))
+    }
+}
+
+/// Max or average pooling.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum PoolKind {
+    Max,
+    Average,
+}
+
+/// Attributes of a `MaxPool` / `AveragePool` node.
+#[derive(Clone, Debug)]
+pub(crate) struct PoolAttrs {
+    kind: PoolKind,
+    kernel: Vec<usize>,
+    strides: Option<Vec<usize>>,
+    pads: Option<Vec<usize>>,
+    auto_pad: AutoPad,
+    ceil_mode: bool,
+    count_include_pad: bool,
+}
+
+impl PoolAttrs {
+    pub(crate) fn parse(a: &Attrs<'_>, kind: PoolKind) -> std::result::Result<Self, String> {
+        let kernel = positive("kernel_shape", a.ints("kernel_shape"), 1)?
+            .ok_or_else(|| "missing required attribute `kernel_shape`".to_string())?;
+        if let Some(d) = a.ints("dilations")
+            && d.iter().any(|&v| v != 1)
+        {
+            return Err(format!("dilations {d:?} are not supported for pooling"));
+        }
+        if a.int("storage_order", 0) != 0 {
+            return Err("storage_order=1 is not supported".into());
+        }
+        Ok(Self {
+            kind,
+            kernel,
+            strides: positive("strides", a.ints("strides"), 1)?,
+            pads: positive("pads", a.ints("pads"), 0)?,
+            auto_pad: AutoPad::parse(a)?,
+            ceil_mode: a.int("ceil_mode", 0) != 0,
+            count_include_pad: a.int("count_include_pad", 0) != 0,
+        })
+    }
+}
+
+/// ONNX pooling over `[N, C, L]` or `[N, C, H, W]`.
+///
+/// Output length per axis is `⌊(L + pads − k)/s⌋ + 1`, or with `ceil_mode` `⌈…⌉ + 1` minus one
+/// when the last window would start inside the end padding (so every window sees input or
+/// begin-padding). Average pooling divides by the window's count of input elements, plus the
+/// explicit pads when `count_include_pad` (never the extra cells added by `ceil_mode`).
+pub(crate) fn pool(x: &Tensor, p: &PoolAttrs) -> Result<Tensor> {
+    if x.rank() == 3 {
+        let p2 = PoolAttrs {
+            kernel: [vec![1], p.kernel.clone()].concat(),
+            strides: p.strides.as_ref().map(|s| [vec![1], s.clone()].concat()),
+            pads: p.pads.as_ref().map(|v| vec![0, v[0], 0, *v.get(1).unwrap_or(&0)]),
+            ..p.clone()
+        };
+        return pool(&x.unsqueeze(2)?, &p2)?.squeeze(2);
+    }
+    let (_n, _c, h, w) = x.dims4()?;
+    let geo = axes(&[h, w], &p.kernel, &p.strides, &None, &p.pads, p.auto_pad)?;
+    let mut padded_len = [0usize; 2];
+    let mut masks: Vec<Vec<f32>> = Vec::with_capacity(2);
+    let mut needs_correction = false;
+    let mut xp = x.clone();
+    for (i, ax) in geo.iter().enumerate() {
+        let mut out = ax.out_floor()?;
+        if p.ceil_mode && p.auto_pad == AutoPad::NotSet {
+            let padded = ax.input + ax.pad_begin + ax.pad_end;
+            out = (padded - ax.kernel).div_ceil(ax.stride) + 1;
+            if (out - 1) * ax.stride >= ax.input + ax.pad_begin {
+                out -= 1;
+            }
+        }
+        let need = (out - 1) * ax.stride + ax.kernel;
+        let end = need.saturating_sub(ax.input + ax.pad_begin);
+        padded_len[i] = ax.input + ax.pad_begin + end;
+        let fill = if p.kind == PoolKind::Max { f32::NEG_INFINITY } else { 0.0 };
+        xp = pad_axis(&xp, 2 + i, ax.pad_begin as i64, end as i64, fill, false)?;
+        // Which padded positions count towards an average's divisor.
+        let counted_end =
+            if p.count_include_pad { ax.input + ax.pad_begin + ax.pad_end } else { ax.input + ax.pad_begin };
+        let counted_start = if p.count_include_pad { 0 } else { ax.pad_begin };
+        let m: Vec<f32> = (0..padded_len[i])
+            .map(|j| if j >= counted_start && j < counted_end { 1.0 } else { 0.0 })
+            .collect();
+        needs_correction |= m.contains(&0.0);
+        masks.push(m);
+    }
+    let (kh, kw) = (p.kernel[0], p.kernel[1]);
+    let (sh, sw) = (geo[0].stride, geo[1].stride);
+    match p.kind {
+        PoolKind::Max => xp.max_pool2d_with_stride((kh, kw), (sh, sw)),
+        PoolKind::Average => {
+            let y = xp.avg_pool2d_with_stride((kh, kw), (sh, sw))?;
+            if !needs_correction {
+                return Ok(y);
+            }
+            let (hp, wp) = (padded_len[0], padded_len[1]);
+            let mut m2 = Vec::with_capacity(hp * wp);
+            for a in &masks[0] {
+                for b in &masks[1] {
+                    m2.push(a * b);
+                }
+            }
+            let frac = Tensor::from_vec(m2, (1, 1, hp, wp), x.device())?
+                .to_dtype(x.dtype())?
+                .avg_pool2d_with_stride((kh, kw), (sh, sw))?;
+            y.broadcast_div(&frac)
+        }
+    }
+}

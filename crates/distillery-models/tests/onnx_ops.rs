@@ -1,0 +1,732 @@
+//! Operator tests on tiny hand-built ONNX graphs, checked against hand-computed values or naive
+//! loops written straight from the ONNX operator definitions.
+
+use candle_core::{Device, Tensor};
+use distillery_models::onnx::pb::{
+    AttributeProto, GraphProto, ModelProto, NodeProto, OperatorSetIdProto, TensorProto, ValueInfoProto,
+    attribute_proto::AttributeType, tensor_proto::DataType,
+};
+use distillery_models::onnx::{OnnxError, OnnxGraph};
+use prost::Message;
+
+type R = Result<(), Box<dyn std::error::Error>>;
+
+fn attr_i(name: &str, v: i64) -> AttributeProto {
+    AttributeProto { name: name.into(), r#type: AttributeType::Int as i32, i: v, ..Default::default() }
+}
+fn attr_f(name: &str, v: f32) -> AttributeProto {
+    AttributeProto { name: name.into(), r#type: AttributeType::Float as i32, f: v, ..Default::default() }
+}
+fn attr_ints(name: &str, v: &[i64]) -> AttributeProto {
+    AttributeProto {
+        name: name.into(),
+        r#type: AttributeType::Ints as i32,
+        ints: v.to_vec(),
+        ..Default::default()
+    }
+}
+fn attr_s(name: &str, v: &str) -> AttributeProto {
+    AttributeProto {
+        name: name.into(),
+        r#type: AttributeType::String as i32,
+        s: v.as_bytes().to_vec(),
+        ..Default::default()
+    }
+}
+
+fn node(op: &str, name: &str, inputs: &[&str], outputs: &[&str], attrs: Vec<AttributeProto>) -> NodeProto {
+    NodeProto {
+        op_type: op.into(),
+        name: name.into(),
+        input: inputs.iter().map(|s| s.to_string()).collect(),
+        output: outputs.iter().map(|s| s.to_string()).collect(),
+        attribute: attrs,
+        ..Default::default()
+    }
+}
+
+fn init_f32(name: &str, dims: &[i64], data: Vec<f32>) -> TensorProto {
+    TensorProto {
+        name: name.into(),
+        dims: dims.to_vec(),
+        data_type: DataType::Float as i32,
+        float_data: data,
+        ..Default::default()
+    }
+}
+
+fn init_f32_raw(name: &str, dims: &[i64], data: &[f32]) -> TensorProto {
+    TensorProto {
+        name: name.into(),
+        dims: dims.to_vec(),
+        data_type: DataType::Float as i32,
+        raw_data: data.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        ..Default::default()
+    }
+}
+
+fn init_i64(name: &str, dims: &[i64], data: Vec<i64>) -> TensorProto {
+    TensorProto {
+        name: name.into(),
+        dims: dims.to_vec(),
+        data_type: DataType::Int64 as i32,
+        int64_data: data,
+        ..Default::default()
+    }
+}
+
+fn model(
+    nodes: Vec<NodeProto>,
+    inits: Vec<TensorProto>,
+    inputs: &[&str],
+    outputs: &[&str],
+    opset: i64,
+) -> ModelProto {
+    let vi = |n: &&str| ValueInfoProto { name: n.to_string(), ..Default::default() };
+    ModelProto {
+        ir_version: 8,
+        opset_import: vec![OperatorSetIdProto { domain: String::new(), version: opset }],
+        graph: Some(GraphProto {
+            node: nodes,
+            name: "test".into(),
+            initializer: inits,
+            input: inputs.iter().map(vi).collect(),
+            output: outputs.iter().map(vi).collect(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// Deterministic pseudo-random values in [-1, 1).
+fn values(n: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    (0..n)
+        .map(|_| {
+            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        })
+        .collect()
+}
+
+fn run1(m: &ModelProto, x: &Tensor) -> Result<Tensor, OnnxError> {
+    let g = OnnxGraph::from_model(m, &Device::Cpu)?;
+    let out = m.graph.as_ref().unwrap().output[0].name.clone();
+    Ok(g.run(&[("x", x)], &[out.as_str()])?.remove(0))
+}
+
+fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len(), "lengths differ");
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+}
+
+/// Naive ONNX Conv (2-D): pads are [top, left, bottom, right].
+#[allow(clippy::too_many_arguments)]
+fn naive_conv(
+    x: &[f32],
+    [n, c, h, w]: [usize; 4],
+    k: &[f32],
+    [co, cig, kh, kw]: [usize; 4],
+    bias: Option<&[f32]>,
+    group: usize,
+    [sh, sw]: [usize; 2],
+    [dh, dw]: [usize; 2],
+    [pt, pl, pb, pr]: [usize; 4],
+) -> (Vec<f32>, [usize; 4]) {
+    let oh = (h + pt + pb - ((kh - 1) * dh + 1)) / sh + 1;
+    let ow = (w + pl + pr - ((kw - 1) * dw + 1)) / sw + 1;
+    let cog = co / group;
+    let mut y = vec![0f32; n * co * oh * ow];
+    for b in 0..n {
+        for o in 0..co {
+            let g = o / cog;
+            for oy in 0..oh {
+                for ox in 0..ow {
+                    let mut acc = bias.map_or(0.0, |bb| bb[o]);
+                    for ci in 0..cig {
+                        let cin = g * cig + ci;
+                        for i in 0..kh {
+                            for j in 0..kw {
+                                let iy = (oy * sh + i * dh) as isize - pt as isize;
+                                let ix = (ox * sw + j * dw) as isize - pl as isize;
+                                if iy < 0 || ix < 0 || iy >= h as isize || ix >= w as isize {
+                                    continue;
+                                }
+                                acc += x[((b * c + cin) * h + iy as usize) * w + ix as usize]
+                                    * k[((o * cig + ci) * kh + i) * kw + j];
+                            }
+                        }
+                    }
+                    y[((b * co + o) * oh + oy) * ow + ox] = acc;
+                }
+            }
+        }
+    }
+    (y, [n, co, oh, ow])
+}
+
+struct ConvCase {
+    x: [usize; 4],
+    k: [usize; 4],
+    group: usize,
+    strides: [usize; 2],
+    dil: [usize; 2],
+    pads: [usize; 4],
+}
+
+fn check_conv(case: ConvCase, seed: u64) -> R {
+    let xn: usize = case.x.iter().product();
+    let kn: usize = case.k.iter().product();
+    let xv = values(xn, seed);
+    let kv = values(kn, seed + 1);
+    let bv = values(case.k[0], seed + 2);
+    let m = model(
+        vec![node(
+            "Conv",
+            "conv",
+            &["x", "w", "b"],
+            &["y"],
+            vec![
+                attr_i("group", case.group as i64),
+                attr_ints("strides", &case.strides.map(|v| v as i64)),
+                attr_ints("dilations", &case.dil.map(|v| v as i64)),
+                attr_ints("pads", &case.pads.map(|v| v as i64)),
+                attr_ints("kernel_shape", &[case.k[2] as i64, case.k[3] as i64]),
+            ],
+        )],
+        vec![
+            init_f32_raw("w", &case.k.map(|v| v as i64), &kv),
+            init_f32("b", &[case.k[0] as i64], bv.clone()),
+        ],
+        &["x"],
+        &["y"],
+        13,
+    );
+    let x = Tensor::from_vec(xv.clone(), case.x.to_vec(), &Device::Cpu)?;
+    let y = run1(&m, &x)?;
+    let (want, dims) =
+        naive_conv(&xv, case.x, &kv, case.k, Some(&bv), case.group, case.strides, case.dil, case.pads);
+    assert_eq!(y.dims(), &dims);
+    let d = max_diff(&y.flatten_all()?.to_vec1::<f32>()?, &want);
+    assert!(d < 1e-5, "conv max diff {d}");
+    Ok(())
+}
+
+#[test]
+fn conv_groups_asymmetric_pads_dilation_and_stride_match_naive_loop() -> R {
+    // Grouped (2 groups), asymmetric pads, dilation 2.
+    check_conv(
+        ConvCase {
+            x: [2, 4, 7, 6],
+            k: [6, 2, 3, 3],
+            group: 2,
+            strides: [1, 1],
+            dil: [2, 2],
+            pads: [1, 0, 2, 1],
+        },
+        1,
+    )?;
+    // Plain conv, stride 2, symmetric pads (candle's own padding path).
+    check_conv(
+        ConvCase {
+            x: [1, 3, 8, 9],
+            k: [5, 3, 3, 2],
+            group: 1,
+            strides: [2, 2],
+            dil: [1, 1],
+            pads: [1, 1, 1, 1],
+        },
+        2,
+    )?;
+    // Depthwise, channel multiplier 2, stride 2, asymmetric pads (direct kernel).
+    check_conv(
+        ConvCase {
+            x: [2, 3, 9, 8],
+            k: [6, 1, 3, 3],
+            group: 3,
+            strides: [2, 2],
+            dil: [1, 1],
+            pads: [0, 1, 1, 0],
+        },
+        3,
+    )?;
+    // Depthwise with dilation and different strides per axis.
+    check_conv(
+        ConvCase {
+            x: [1, 4, 10, 11],
+            k: [4, 1, 3, 2],
+            group: 4,
+            strides: [1, 2],
+            dil: [2, 1],
+            pads: [2, 1, 0, 1],
+        },
+        4,
+    )?;
+    Ok(())
+}
+
+#[test]
+fn conv_auto_pad_same_upper_keeps_ceil_size() -> R {
+    let xv = values(2 * 5 * 7, 9);
+    let kv = values(2 * 2 * 3 * 3, 10);
+    let m = model(
+        vec![node(
+            "Conv",
+            "c",
+            &["x", "w"],
+            &["y"],
+            vec![attr_s("auto_pad", "SAME_UPPER"), attr_ints("strides", &[2, 2])],
+        )],
+        vec![init_f32("w", &[2, 2, 3, 3], kv.clone())],
+        &["x"],
+        &["y"],
+        11,
+    );
+    let x = Tensor::from_vec(xv.clone(), (1, 2, 5, 7), &Device::Cpu)?;
+    let y = run1(&m, &x)?;
+    // out = ceil(in / 2): 3×4. Total pad per axis: (3-1)*2+3-5 = 2 → (1, 1); (4-1)*2+3-7 = 2 → (1, 1).
+    let (want, dims) =
+        naive_conv(&xv, [1, 2, 5, 7], &kv, [2, 2, 3, 3], None, 1, [2, 2], [1, 1], [1, 1, 1, 1]);
+    assert_eq!(y.dims(), &dims);
+    assert!(max_diff(&y.flatten_all()?.to_vec1()?, &want) < 1e-5);
+    Ok(())
+}
+
+#[test]
+fn max_pool_ceil_mode_with_asymmetric_pads_hand_computed() -> R {
+    // x[r][c] = 4r + c on 4×4; kernel 3, stride 2, pads top 0 left 1 bottom 0 right 0, ceil_mode.
+    // Rows: floor would give 1 window, ceil gives 2 (rows 0..3 and 2..4 clipped to 2..3).
+    // Cols: windows {-1,0,1} and {1,2,3}.
+    let m = model(
+        vec![node(
+            "MaxPool",
+            "mp",
+            &["x"],
+            &["y"],
+            vec![
+                attr_ints("kernel_shape", &[3, 3]),
+                attr_ints("strides", &[2, 2]),
+                attr_ints("pads", &[0, 1, 0, 0]),
+                attr_i("ceil_mode", 1),
+            ],
+        )],
+        vec![],
+        &["x"],
+        &["y"],
+        12,
+    );
+    let x = Tensor::arange(0f32, 16.0, &Device::Cpu)?.reshape((1, 1, 4, 4))?;
+    let y = run1(&m, &x)?;
+    assert_eq!(y.dims(), &[1, 1, 2, 2]);
+    assert_eq!(y.flatten_all()?.to_vec1::<f32>()?, vec![9.0, 11.0, 13.0, 15.0]);
+    // Negative values: padding must be −∞, not zero.
+    let y = run1(&m, &x.affine(-1.0, -1.0)?)?;
+    assert_eq!(y.flatten_all()?.to_vec1::<f32>()?, vec![-1.0, -2.0, -9.0, -10.0]);
+    Ok(())
+}
+
+#[test]
+fn max_pool_ceil_mode_drops_windows_starting_in_end_padding() -> R {
+    // in 5, k 2, s 2, pads (0, 1): floor → 3 windows; ceil → ceil(4/2)+1 = 3, none dropped.
+    // in 4, k 2, s 2, pads (0, 1): ceil → ceil(3/2)+1 = 3, but window 3 starts at 4 = in → dropped.
+    let m = model(
+        vec![node(
+            "MaxPool",
+            "mp",
+            &["x"],
+            &["y"],
+            vec![
+                attr_ints("kernel_shape", &[1, 2]),
+                attr_ints("strides", &[1, 2]),
+                attr_ints("pads", &[0, 0, 0, 1]),
+                attr_i("ceil_mode", 1),
+            ],
+        )],
+        vec![],
+        &["x"],
+        &["y"],
+        12,
+    );
+    let x = Tensor::new(&[[[[1f32, 5.0, 2.0, 7.0]]]], &Device::Cpu)?;
+    let y = run1(&m, &x)?;
+    assert_eq!(y.flatten_all()?.to_vec1::<f32>()?, vec![5.0, 7.0]);
+    Ok(())
+}
+
+#[test]
+fn average_pool_count_include_pad_hand_computed() -> R {
+    // x = 1..9 on 3×3, kernel 2, stride 2, pads top 1 left 1 (bottom/right 0).
+    // Windows: {1}, {2,3}, {4,7}, {5,6,8,9}; with padding counted every divisor is 4.
+    let build = |include: i64| {
+        model(
+            vec![node(
+                "AveragePool",
+                "ap",
+                &["x"],
+                &["y"],
+                vec![
+                    attr_ints("kernel_shape", &[2, 2]),
+                    attr_ints("strides", &[2, 2]),
+                    attr_ints("pads", &[1, 1, 0, 0]),
+                    attr_i("count_include_pad", include),
+                ],
+            )],
+            vec![],
+            &["x"],
+            &["y"],
+            11,
+        )
+    };
+    let x = Tensor::arange(1f32, 10.0, &Device::Cpu)?.reshape((1, 1, 3, 3))?;
+    let inc = run1(&build(1), &x)?.flatten_all()?.to_vec1::<f32>()?;
+    let exc = run1(&build(0), &x)?.flatten_all()?.to_vec1::<f32>()?;
+    assert!(max_diff(&inc, &[0.25, 1.25, 2.75, 7.0]) < 1e-6, "{inc:?}");
+    assert!(max_diff(&exc, &[1.0, 2.5, 5.5, 7.0]) < 1e-6, "{exc:?}");
+    Ok(())
+}
+
+#[test]
+fn average_pool_ceil_mode_does_not_count_ceil_overflow() -> R {
+    // 1×3 row [1, 2, 4], kernel 2, stride 2, ceil_mode, include pad: last window covers [4, overflow]
+    // and divides by 1 (the overflow cell is not an explicit pad).
+    let m = model(
+        vec![node(
+            "AveragePool",
+            "ap",
+            &["x"],
+            &["y"],
+            vec![
+                attr_ints("kernel_shape", &[1, 2]),
+                attr_ints("strides", &[1, 2]),
+                attr_i("ceil_mode", 1),
+                attr_i("count_include_pad", 1),
+            ],
+        )],
+        vec![],
+        &["x"],
+        &["y"],
+        11,
+    );
+    let y = run1(&m, &Tensor::new(&[[[[1f32, 2.0, 4.0]]]], &Device::Cpu)?)?;
+    assert_eq!(y.flatten_all()?.to_vec1::<f32>()?, vec![1.5, 4.0]);
+    Ok(())
+}
+
+#[test]
+fn gemm_trans_b_alpha_beta_matches_naive() -> R {
+    let (m_, k, n) = (3, 4, 5);
+    let a = values(m_ * k, 20);
+    let b = values(n * k, 21);
+    let c = values(n, 22);
+    let mdl = model(
+        vec![node(
+            "Gemm",
+            "fc",
+            &["x", "b", "c"],
+            &["y"],
+            vec![attr_i("transB", 1), attr_f("alpha", 0.5), attr_f("beta", 2.0)],
+        )],
+        vec![init_f32("b", &[n as i64, k as i64], b.clone()), init_f32("c", &[n as i64], c.clone())],
+        &["x"],
+        &["y"],
+        13,
+    );
+    let y = run1(&mdl, &Tensor::from_vec(a.clone(), (m_, k), &Device::Cpu)?)?;
+    let mut want = vec![0f32; m_ * n];
+    for i in 0..m_ {
+        for j in 0..n {
+            let dot: f32 = (0..k).map(|t| a[i * k + t] * b[j * k + t]).sum();
+            want[i * n + j] = 0.5 * dot + 2.0 * c[j];
+        }
+    }
+    assert_eq!(y.dims(), &[m_, n]);
+    assert!(max_diff(&y.flatten_all()?.to_vec1()?, &want) < 1e-5);
+    Ok(())
+}
+
+#[test]
+fn reshape_transpose_concat_pad_softmax_chain() -> R {
+    // x [2,3,4] → Reshape [0,-1] → [2,12] → Transpose → [12,2] → Concat(const [12,1], axis 1)
+    // → [12,3] → Pad rows (1, 0), cols (0, 2) with 5 → [13,5] → Softmax(axis -1).
+    let xv = values(24, 30);
+    let cv = values(12, 31);
+    let m = model(
+        vec![
+            node("Reshape", "r", &["x", "shape"], &["r"], vec![]),
+            node("Transpose", "t", &["r"], &["t"], vec![attr_ints("perm", &[1, 0])]),
+            node("Concat", "c", &["t", "k"], &["c"], vec![attr_i("axis", -1)]),
+            node("Pad", "p", &["c", "pads", "pv"], &["p"], vec![]),
+            node("Softmax", "s", &["p"], &["y"], vec![attr_i("axis", -1)]),
+        ],
+        vec![
+            init_i64("shape", &[2], vec![0, -1]),
+            init_f32("k", &[12, 1], cv.clone()),
+            init_i64("pads", &[4], vec![1, 0, 0, 2]),
+            init_f32("pv", &[], vec![5.0]),
+        ],
+        &["x"],
+        &["y"],
+        13,
+    );
+    let y = run1(&m, &Tensor::from_vec(xv.clone(), (2, 3, 4), &Device::Cpu)?)?;
+    assert_eq!(y.dims(), &[13, 5]);
+    // Naive: row r (1..13) = [x[0][r-1], x[1][r-1], k[r-1], 5, 5]; row 0 = all 5.
+    let mut want = Vec::new();
+    for r in 0..13 {
+        let row: Vec<f32> =
+            if r == 0 { vec![5.0; 5] } else { vec![xv[r - 1], xv[12 + r - 1], cv[r - 1], 5.0, 5.0] };
+        let mx = row.iter().cloned().fold(f32::MIN, f32::max);
+        let e: Vec<f32> = row.iter().map(|v| (v - mx).exp()).collect();
+        let s: f32 = e.iter().sum();
+        want.extend(e.iter().map(|v| v / s));
+    }
+    assert!(max_diff(&y.flatten_all()?.to_vec1()?, &want) < 1e-6);
+    Ok(())
+}
+
+#[test]
+fn softmax_axis_semantics_follow_opset() -> R {
+    // Opset 11: axis 1 of [2,3,4] normalises the 12 trailing values together; opset 13: only axis 1.
+    let xv = values(24, 40);
+    let x = Tensor::from_vec(xv.clone(), (2, 3, 4), &Device::Cpu)?;
+    let mk = |opset| {
+        model(
+            vec![node("Softmax", "s", &["x"], &["y"], vec![attr_i("axis", 1)])],
+            vec![],
+            &["x"],
+            &["y"],
+            opset,
+        )
+    };
+    let old = run1(&mk(11), &x)?.flatten_all()?.to_vec1::<f32>()?;
+    let new = run1(&mk(13), &x)?.flatten_all()?.to_vec1::<f32>()?;
+    let sm = |idx: &[usize]| -> Vec<f32> {
+        let e: Vec<f32> = idx.iter().map(|&i| xv[i].exp()).collect();
+        let s: f32 = e.iter().sum();
+        e.iter().map(|v| v / s).collect()
+    };
+    let mut want_old = vec![0f32; 24];
+    let mut want_new = vec![0f32; 24];
+    for b in 0..2 {
+        let idx: Vec<usize> = (0..12).map(|i| b * 12 + i).collect();
+        for (i, v) in idx.iter().zip(sm(&idx)) {
+            want_old[*i] = v;
+        }
+        for j in 0..4 {
+            let idx: Vec<usize> = (0..3).map(|c| b * 12 + c * 4 + j).collect();
+            for (i, v) in idx.iter().zip(sm(&idx)) {
+                want_new[*i] = v;
+            }
+        }
+    }
+    assert!(max_diff(&old, &want_old) < 1e-6);
+    assert!(max_diff(&new, &want_new) < 1e-6);
+    Ok(())
+}
+
+#[test]
+fn dynamic_flatten_chain_shape_gather_unsqueeze_concat_reshape() -> R {
+    // What exporters emit for `x.view(x.size(0), -1)`; runs for any batch size.
+    let m = model(
+        vec![
+            node("Shape", "sh", &["x"], &["s"], vec![]),
+            node("Gather", "g", &["s", "zero"], &["n"], vec![attr_i("axis", 0)]),
+            node("Unsqueeze", "u", &["n", "axes"], &["n1"], vec![]),
+            node("Concat", "c", &["n1", "minus1"], &["shape"], vec![attr_i("axis", 0)]),
+            node("Reshape", "r", &["x", "shape"], &["y"], vec![]),
+        ],
+        vec![
+            init_i64("zero", &[], vec![0]),
+            init_i64("axes", &[1], vec![0]),
+            init_i64("minus1", &[1], vec![-1]),
+        ],
+        &["x"],
+        &["y"],
+        13,
+    );
+    for n in [1usize, 3] {
+        let x = Tensor::from_vec(values(n * 12, 50), (n, 3, 2, 2), &Device::Cpu)?;
+        let y = run1(&m, &x)?;
+        assert_eq!(y.dims(), &[n, 12]);
+        assert_eq!(y.flatten_all()?.to_vec1::<f32>()?, x.flatten_all()?.to_vec1::<f32>()?);
+    }
+    Ok(())
+}
+
+#[test]
+fn activations_batchnorm_clip_flatten_and_binary_broadcasting() -> R {
+    // y = Flatten(Clip(LeakyRelu(BN(x)) , -0.5, 0.5) * s - t) with s: [C,1,1] and t scalar.
+    let c = 2;
+    let (scale, bias, mean, var) =
+        (vec![1.5f32, -0.5], vec![0.1f32, 0.2], vec![0.3f32, -0.1], vec![0.5f32, 2.0]);
+    let m = model(
+        vec![
+            node(
+                "BatchNormalization",
+                "bn",
+                &["x", "sc", "bi", "mu", "var"],
+                &["b"],
+                vec![attr_f("epsilon", 1e-3)],
+            ),
+            node("LeakyRelu", "lr", &["b"], &["l"], vec![attr_f("alpha", 0.1)]),
+            node("Clip", "cl", &["l", "lo", "hi"], &["c"], vec![]),
+            node("Mul", "mul", &["c", "s"], &["m"], vec![]),
+            node("Sub", "sub", &["m", "t"], &["d"], vec![]),
+            node("Flatten", "f", &["d"], &["y"], vec![attr_i("axis", 1)]),
+        ],
+        vec![
+            init_f32("sc", &[2], scale.clone()),
+            init_f32("bi", &[2], bias.clone()),
+            init_f32("mu", &[2], mean.clone()),
+            init_f32("var", &[2], var.clone()),
+            init_f32("lo", &[], vec![-0.5]),
+            init_f32("hi", &[], vec![0.5]),
+            init_f32("s", &[2, 1, 1], vec![2.0, -3.0]),
+            init_f32("t", &[], vec![0.25]),
+        ],
+        &["x"],
+        &["y"],
+        13,
+    );
+    let xv = values(2 * c * 3 * 3, 60);
+    let y = run1(&m, &Tensor::from_vec(xv.clone(), (2, c, 3, 3), &Device::Cpu)?)?;
+    assert_eq!(y.dims(), &[2, 18]);
+    let s = [2.0f32, -3.0];
+    let want: Vec<f32> = xv
+        .iter()
+        .enumerate()
+        .map(|(i, &v)| {
+            let ch = (i / 9) % c;
+            let b = (v - mean[ch]) / (var[ch] + 1e-3).sqrt() * scale[ch] + bias[ch];
+            let l = if b >= 0.0 { b } else { 0.1 * b };
+            l.clamp(-0.5, 0.5) * s[ch] - 0.25
+        })
+        .collect();
+    assert!(max_diff(&y.flatten_all()?.to_vec1()?, &want) < 1e-5);
+    Ok(())
+}
+
+#[test]
+fn clip_attributes_before_opset_11() -> R {
+    let m = model(
+        vec![node("Clip", "cl", &["x"], &["y"], vec![attr_f("min", 0.0), attr_f("max", 6.0)])],
+        vec![],
+        &["x"],
+        &["y"],
+        6,
+    );
+    let y = run1(&m, &Tensor::new(&[-1f32, 3.0, 7.0], &Device::Cpu)?)?;
+    assert_eq!(y.to_vec1::<f32>()?, vec![0.0, 3.0, 6.0]);
+    Ok(())
+}
+
+#[test]
+fn constant_subgraphs_are_folded_and_bytes_round_trip() -> R {
+    // w2 = Constant * 2 is folded at load; only the Add remains per batch.
+    let konst = TensorProto {
+        dims: vec![3],
+        data_type: DataType::Float as i32,
+        float_data: vec![1.0, 2.0, 3.0],
+        ..Default::default()
+    };
+    let m = model(
+        vec![
+            node(
+                "Constant",
+                "k",
+                &[],
+                &["k"],
+                vec![AttributeProto {
+                    name: "value".into(),
+                    r#type: AttributeType::Tensor as i32,
+                    t: Some(konst),
+                    ..Default::default()
+                }],
+            ),
+            node("Mul", "dbl", &["k", "two"], &["k2"], vec![]),
+            node("Identity", "id", &["k2"], &["k3"], vec![]),
+            node("Add", "add", &["x", "k3"], &["y"], vec![]),
+        ],
+        vec![init_f32("two", &[], vec![2.0])],
+        &["x"],
+        &["y"],
+        13,
+    );
+    let g = OnnxGraph::from_bytes(&m.encode_to_vec(), &Device::Cpu)?;
+    assert_eq!(g.num_steps(), 1);
+    assert_eq!(g.input_names(), vec!["x"]);
+    let y = g.run(&[("x", &Tensor::new(&[[1f32, 1.0, 1.0]], &Device::Cpu)?)], &["y", "k3"])?;
+    assert_eq!(y[0].flatten_all()?.to_vec1::<f32>()?, vec![3.0, 5.0, 7.0]);
+    assert_eq!(y[1].to_vec1::<f32>()?, vec![2.0, 4.0, 6.0]);
+    Ok(())
+}
+
+#[test]
+fn out_of_order_nodes_are_sorted() -> R {
+    let m = model(
+        vec![node("Relu", "second", &["a"], &["y"], vec![]), node("Neg", "first", &["x"], &["a"], vec![])],
+        vec![],
+        &["x"],
+        &["y"],
+        13,
+    );
+    let y = run1(&m, &Tensor::new(&[-1f32, 2.0], &Device::Cpu)?)?;
+    assert_eq!(y.to_vec1::<f32>()?, vec![1.0, 0.0]);
+    Ok(())
+}
+
+#[test]
+fn unsupported_op_error_names_op_and_node() {
+    let m = model(
+        vec![node("Einsum", "mixer_7", &["x"], &["y"], vec![attr_s("equation", "ij->ji")])],
+        vec![],
+        &["x"],
+        &["y"],
+        13,
+    );
+    let e = OnnxGraph::from_model(&m, &Device::Cpu).unwrap_err().to_string();
+    assert!(e.contains("Einsum") && e.contains("mixer_7"), "{e}");
+    let m = model(
+        vec![node("Pad", "pad_3", &["x"], &["y"], vec![attr_s("mode", "reflect")])],
+        vec![],
+        &["x"],
+        &["y"],
+        13,
+    );
+    let e = OnnxGraph::from_model(&m, &Device::Cpu).unwrap_err().to_string();
+    assert!(e.contains("pad_3") && e.contains("reflect"), "{e}");
+    let m = model(vec![node("Relu", "r", &["nowhere"], &["y"], vec![])], vec![], &["x"], &["y"], 13);
+    let e = OnnxGraph::from_model(&m, &Device::Cpu).unwrap_err().to_string();
+    assert!(e.contains("nowhere") && e.contains("`r`"), "{e}");
+}
+
+#[test]
+fn runtime_errors_name_the_node() -> R {
+    let m = model(
+        vec![node("Reshape", "bad_reshape", &["x", "shape"], &["y"], vec![])],
+        vec![init_i64("shape", &[1], vec![5])],
+        &["x"],
+        &["y"],
+        13,
+    );
+    let e = run1(&m, &Tensor::zeros(4, candle_core::DType::F32, &Device::Cpu)?).unwrap_err().to_string();
+    assert!(e.contains("bad_reshape") && e.contains("Reshape"), "{e}");
+    Ok(())
+}
+
+#[test]
+fn conv_counts_macs() -> R {
+    let m = model(
+        vec![node("Conv", "c", &["x", "w"], &["y"], vec![attr_ints("pads", &[1, 1, 1, 1])])],
+        vec![init_f32("w", &[4, 2, 3, 3], values(72, 70))],
+        &["x"],
+        &["y"],
+        13,
+    );
+    let g = OnnxGraph::from_model(&m, &Device::Cpu)?;
+    let x = Tensor::zeros((1, 2, 5, 5), candle_core::DType::F32, &Device::Cpu)?;
+    let (r, macs) = distillery_models::cost::count(|| g.run(&[("x", &x)], &["y"]));
+    r?;
+    assert_eq!(macs, 4 * 25 * 2 * 9);
+    Ok(())
+}
