@@ -4,95 +4,51 @@
 //! its sub-crop, mirror it if asked and apply the teacher's [`Preprocess`]. Decoding once per face
 //! (not per view) matters: decoding dominates CPU time.
 
-use distillery_core::{Layout, Preprocess, ResizeFilter};
+use distillery_core::{Layout, Preprocess};
 use distillery_data::View;
+use distillery_data::preprocess;
 use image::RgbImage;
-use image::imageops::{self, FilterType};
 
-/// Decodes `bytes` (JPEG or PNG) to RGB.
+/// Decodes `bytes` (JPEG or PNG) to RGB, with the size limits of [`preprocess::decode`].
 pub fn decode(bytes: &[u8]) -> Result<RgbImage, String> {
-    image::load_from_memory(bytes).map(|i| i.to_rgb8()).map_err(|e| format!("cannot decode image: {e}"))
+    preprocess::decode(bytes).map_err(|e| format!("cannot decode image: {e}"))
 }
 
-/// Integer pixel rectangle of `[x, y, w, h]` (floats) clamped to a `width`×`height` image.
-fn clamp_rect(r: [f32; 4], width: u32, height: u32) -> Result<(u32, u32, u32, u32), String> {
-    if r.iter().any(|v| !v.is_finite()) || r[2] <= 0.0 || r[3] <= 0.0 {
-        return Err(format!("invalid box {r:?}"));
-    }
-    let x0 = r[0].max(0.0).floor() as u32;
-    let y0 = r[1].max(0.0).floor() as u32;
-    let x1 = ((r[0] + r[2]).ceil().max(0.0) as u32).min(width);
-    let y1 = ((r[1] + r[3]).ceil().max(0.0) as u32).min(height);
-    if x1 <= x0 || y1 <= y0 {
-        return Err(format!("box {r:?} lies outside the {width}x{height} image"));
-    }
-    Ok((x0, y0, x1 - x0, y1 - y0))
-}
-
-/// The face crop of `img` for `box_xywh` (None: the whole image).
+/// The face crop of `img` for `box_xywh` (None: the whole image). A box that misses the image
+/// entirely is an error; one that overlaps an edge is zero-padded there.
 pub fn crop_face(img: &RgbImage, box_xywh: Option<[f32; 4]>) -> Result<RgbImage, String> {
     match box_xywh {
         None => Ok(img.clone()),
         Some(b) => {
-            let (x, y, w, h) = clamp_rect(b, img.width(), img.height())?;
-            Ok(imageops::crop_imm(img, x, y, w, h).to_image())
+            let (w, h) = (img.width() as f32, img.height() as f32);
+            if b.iter().any(|v| !v.is_finite()) || b[2] <= 0.0 || b[3] <= 0.0 {
+                return Err(format!("invalid box {b:?}"));
+            }
+            if b[0] >= w || b[1] >= h || b[0] + b[2] <= 0.0 || b[1] + b[3] <= 0.0 {
+                return Err(format!("box {b:?} lies outside the {}x{} image", img.width(), img.height()));
+            }
+            Ok(preprocess::crop(img, b, false))
         }
     }
 }
 
 /// Applies `view` (relative sub-crop, then optional mirror) to a face crop.
 pub fn apply_view(face: &RgbImage, view: &View) -> Result<RgbImage, String> {
-    let (fw, fh) = (face.width() as f32, face.height() as f32);
-    let [cx, cy, cw, ch] = view.crop;
-    let (x, y, w, h) = clamp_rect([cx * fw, cy * fh, cw * fw, ch * fh], face.width(), face.height())
-        .map_err(|e| format!("view {}: {e}", view.index))?;
-    let mut out = imageops::crop_imm(face, x, y, w, h).to_image();
-    if view.flip {
-        imageops::flip_horizontal_in_place(&mut out);
+    if view.crop.iter().any(|v| !v.is_finite()) || view.crop[2] <= 0.0 || view.crop[3] <= 0.0 {
+        return Err(format!("view {}: invalid crop {:?}", view.index, view.crop));
     }
-    Ok(out)
+    Ok(preprocess::apply_view(face, view))
 }
 
-/// Applies `pp` to an RGB crop; returns `C*H*W` (or `H*W*C` for NHWC) f32 values.
+/// Applies `pp` to an RGB crop (zero-padding it to a centred square first when the teacher asks
+/// for that); returns `C*H*W` (or `H*W*C` for NHWC) f32 values.
 pub fn to_input(crop: &RgbImage, pp: &Preprocess) -> Vec<f32> {
-    let mut img = crop.clone();
-    if pp.pad_to_square && img.width() != img.height() {
-        let side = img.width().max(img.height());
-        let mut sq = RgbImage::new(side, side);
-        let ox = (side - img.width()) / 2;
-        let oy = (side - img.height()) / 2;
-        imageops::replace(&mut sq, &img, ox as i64, oy as i64);
-        img = sq;
+    if pp.pad_to_square && crop.width() != crop.height() {
+        let sq = preprocess::crop(crop, [0.0, 0.0, crop.width() as f32, crop.height() as f32], true);
+        preprocess::to_chw(&sq, pp)
+    } else {
+        preprocess::to_chw(crop, pp)
     }
-    let [oh, ow] = pp.size;
-    let filter = match pp.filter {
-        ResizeFilter::Bilinear => FilterType::Triangle,
-        ResizeFilter::Nearest => FilterType::Nearest,
-    };
-    if img.width() as usize != ow || img.height() as usize != oh {
-        img = imageops::resize(&img, ow as u32, oh as u32, filter);
-    }
-    let c = pp.channels;
-    let norm = |v: f32, ch: usize| {
-        let m = pp.mean.get(ch).copied().unwrap_or(0.0);
-        let s = pp.std.get(ch).copied().unwrap_or(1.0);
-        (v * pp.scale - m) / s
-    };
-    let mut out = vec![0f32; c * oh * ow];
-    for (x, y, px) in img.enumerate_pixels() {
-        let (x, y) = (x as usize, y as usize);
-        let vals: [f32; 3] = [px[0] as f32, px[1] as f32, px[2] as f32];
-        for ch in 0..c {
-            // Grey uses ITU-R BT.601 luma, like most face models trained on grey crops.
-            let v = if c == 1 { 0.299 * vals[0] + 0.587 * vals[1] + 0.114 * vals[2] } else { vals[ch] };
-            let idx = match pp.layout {
-                Layout::Nchw => ch * oh * ow + y * ow + x,
-                Layout::Nhwc => (y * ow + x) * c + ch,
-            };
-            out[idx] = norm(v, ch);
-        }
-    }
-    out
 }
 
 /// Shape of one prepared input (without the batch axis) for `pp`.
@@ -131,7 +87,7 @@ mod tests {
     fn views_crop_flip_and_normalise() {
         // Left half red, right half blue.
         let bytes = png(8, 8, |x, _| if x < 4 { [255, 0, 0] } else { [0, 0, 255] });
-        let pp = Preprocess { size: [2, 2], filter: ResizeFilter::Nearest, ..Preprocess::unit_rgb(2) };
+        let pp = Preprocess { size: [2, 2], filter: distillery_core::ResizeFilter::Nearest, ..Preprocess::unit_rgb(2) };
         let plain = View::plain();
         let flipped = View { index: 1, crop: [0.0, 0.0, 1.0, 1.0], flip: true };
         let left = View { index: 2, crop: [0.0, 0.0, 0.5, 1.0], flip: false };
