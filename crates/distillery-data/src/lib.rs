@@ -4,8 +4,10 @@
 //! preprocessing that turns an encoded face into a model input live here. Storage is the cache crate's.
 
 pub mod batch;
+pub mod ingest;
 pub mod preprocess;
 pub mod record;
+pub mod synth;
 pub mod view;
 
 pub use batch::Batch;
