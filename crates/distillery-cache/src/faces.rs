@@ -221,6 +221,8 @@ impl FaceStore {
 
     /// Stores `records`, skipping any whose id is already stored or repeated in `records`.
     pub async fn append(&mut self, records: Vec<FaceRecord>) -> Result<AppendStats> {
+        // Validate everything first so a bad record leaves no trace.
+        records.iter().try_for_each(validate_record)?;
         if self.known.is_none() {
             self.known = Some(self.load_ids().await?);
         }
@@ -228,12 +230,9 @@ impl FaceStore {
         let total = records.len() as u64;
         let mut fresh = Vec::with_capacity(records.len());
         for r in records {
-            if known.contains(&r.id) {
-                continue;
+            if known.insert(r.id.clone()) {
+                fresh.push(r);
             }
-            validate_record(&r)?;
-            known.insert(r.id.clone());
-            fresh.push(r);
         }
         let stats = AppendStats { added: fresh.len() as u64, duplicates: total - fresh.len() as u64 };
         if fresh.is_empty() {

@@ -416,6 +416,9 @@ impl Loader {
                 return;
             }
         };
+        if self.batches_per_epoch == 0 {
+            return; // nothing to read: end the stream instead of looping over empty epochs
+        }
         let bs = self.cfg.batch_size;
         let mut epoch = self.cfg.start.epoch;
         while self.cfg.epochs.is_none_or(|n| epoch < n) {

@@ -421,6 +421,8 @@ impl TeacherCache {
         if staged.fragments.is_empty() {
             config.insert(format!("{CFG_EMPTY_SHARD}{shard_key}"), staged.worker.clone());
         }
+        let base = self.version();
+        let mut own_commits = 0;
         let version = match self.ds.take() {
             None => {
                 self.precision = staged.precision;
@@ -443,6 +445,7 @@ impl TeacherCache {
                     .map_err(|e| Error::lance("create cache", &self.uri, e))?;
                 let v = ds.version().version;
                 self.ds = Some(ds);
+                own_commits = v;
                 v
             }
             Some(mut ds) => {
@@ -452,6 +455,7 @@ impl TeacherCache {
                         self.ds = Some(ds);
                         return Err(Error::lance("update cache config", &self.uri, e));
                     }
+                    own_commits += 1;
                 }
                 if !staged.fragments.is_empty() {
                     let read = ds.version().version;
@@ -461,7 +465,10 @@ impl TeacherCache {
                         .execute(TransactionBuilder::new(read, op).build())
                         .await
                     {
-                        Ok(new) => ds = new,
+                        Ok(new) => {
+                            ds = new;
+                            own_commits += 1;
+                        }
                         Err(e) => {
                             self.ds = Some(Arc::unwrap_or_clone(ds_arc));
                             return Err(Error::lance("commit shard", &self.uri, e));
@@ -474,9 +481,13 @@ impl TeacherCache {
             }
         };
         let mut guard = self.committed.lock().expect("committed-set lock");
-        if let Some((_, set)) = guard.as_mut() {
-            set.insert(shard_key.to_owned());
-            *guard = Some((version, std::mem::take(set)));
+        match guard.as_mut() {
+            // Our own commits are the only ones since the set was built: extend it.
+            Some((v, set)) if *v == base && version == base + own_commits => {
+                set.insert(shard_key.to_owned());
+                *v = version;
+            }
+            _ => *guard = None,
         }
         Ok(CommitOutcome::Committed { version })
     }
