@@ -5,6 +5,7 @@
 //! to. Images, datasets and networks live in other crates.
 
 pub mod cost;
+pub mod emonet;
 pub mod teacher;
 
 pub use cost::ModelCost;
