@@ -5,11 +5,13 @@
 //! to. Images, datasets and networks live in other crates.
 
 pub mod cost;
+pub mod emonet;
 pub mod losses;
 pub mod nn;
 pub mod onnx;
 pub mod student;
 pub mod students;
+pub mod zoo;
 pub mod teacher;
 
 pub use cost::ModelCost;
