@@ -5,6 +5,10 @@
 //! to. Images, datasets and networks live in other crates.
 
 pub mod cost;
+pub mod losses;
+pub mod nn;
+pub mod student;
+pub mod students;
 pub mod teacher;
 
 pub use cost::ModelCost;

@@ -1,0 +1,548 @@
+//! Trainable layers for the students, chosen for fast CPU training with candle.
+//!
+//! - [`DepthwiseConv3x3`]: a hand-written op (see [`depthwise`]); candle's grouped convolution is
+//!   an order of magnitude slower in backward.
+//! - [`Pointwise`]: 1×1 convolution as a batched matmul over the `[n, c, h·w]` view; its backward
+//!   is matmul's, which is ~4× faster than candle's conv backward.
+//! - [`Conv2d`]: candle's convolution for the remaining (stem, ResNet) convolutions. candle's
+//!   stride-2 convolution backward fails when height and width differ in parity; students take
+//!   square inputs and the layer rejects such inputs up front with a clear error.
+//! - [`BatchNorm2d`]: train/eval batch norm whose running statistics are [`Var`]s registered in
+//!   the `VarMap`, so they are saved with the weights (the optimiser skips them: they get no
+//!   gradient).
+//! - [`relu6`] (a fused op), [`global_avg_pool`], [`max_pool2x2`] (exact, via reshape and max;
+//!   candle's `max_pool2d` backward is mis-scaled), [`Linear`], [`Dropout`].
+//!
+//! Every convolution and linear layer records its MACs with [`crate::cost::record`].
+
+pub mod depthwise;
+#[cfg(test)]
+pub(crate) mod gradcheck;
+
+use candle_core::{
+    CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor, Var, WithDType,
+    backend::BackendStorage, bail,
+};
+use candle_nn::{Init, VarBuilder};
+use rayon::prelude::*;
+
+pub use depthwise::depthwise_conv3x3;
+
+use crate::cost;
+
+/// Kaiming-normal initialisation with fan-out (He et al. 2015), as used for MobileNetV2 and ResNet.
+fn kaiming_fan_out(c_out: usize, k: usize, groups: usize) -> Init {
+    let fan_out = (c_out * k * k / groups.max(1)).max(1) as f64;
+    Init::Randn { mean: 0.0, stdev: (2.0 / fan_out).sqrt() }
+}
+
+/// A regular 2-D convolution (candle's), optionally with bias.
+#[derive(Clone, Debug)]
+pub struct Conv2d {
+    weight: Tensor,
+    bias: Option<Tensor>,
+    stride: usize,
+    padding: usize,
+}
+
+impl Conv2d {
+    /// `weight` is `[c_out, c_in, k, k]`, `bias` `[c_out]` when `bias` is true.
+    pub fn new(
+        c_in: usize,
+        c_out: usize,
+        k: usize,
+        stride: usize,
+        padding: usize,
+        bias: bool,
+        vb: VarBuilder<'_>,
+    ) -> Result<Self> {
+        let weight = vb.get_with_hints((c_out, c_in, k, k), "weight", kaiming_fan_out(c_out, k, 1))?;
+        let bias = if bias { Some(vb.get_with_hints(c_out, "bias", Init::Const(0.0))?) } else { None };
+        Ok(Self { weight, bias, stride, padding })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (n, _, h, w) = x.dims4()?;
+        if self.stride > 1 && h % 2 != w % 2 {
+            // candle's conv2d backward mis-sizes its gradient in this case.
+            bail!(
+                "conv2d: stride-{} input must have height and width of equal parity, got {h}×{w}",
+                self.stride
+            );
+        }
+        let (c_out, c_in, kh, kw) = self.weight.dims4()?;
+        let y = x.conv2d(&self.weight, self.padding, self.stride, 1, 1)?;
+        let (_, _, ho, wo) = y.dims4()?;
+        cost::record(cost::conv2d_macs(&[n, c_out, ho, wo], c_in, kh, kw));
+        match &self.bias {
+            Some(b) => y.broadcast_add(&b.reshape((1, c_out, 1, 1))?),
+            None => Ok(y),
+        }
+    }
+}
+
+/// 1×1 convolution without bias computed as `W · x[n]` over the `[n, c_in, h·w]` view.
+#[derive(Clone, Debug)]
+pub struct Pointwise {
+    /// Stored `[c_out, c_in, 1, 1]` (the usual convolution layout).
+    weight: Tensor,
+}
+
+impl Pointwise {
+    pub fn new(c_in: usize, c_out: usize, vb: VarBuilder<'_>) -> Result<Self> {
+        let weight = vb.get_with_hints((c_out, c_in, 1, 1), "weight", kaiming_fan_out(c_out, 1, 1))?;
+        Ok(Self { weight })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        pointwise_conv(x, &self.weight)
+    }
+}
+
+/// 1×1 convolution `x [n,c_in,h,w]`, `weight [c_out,c_in,1,1]` as a batched matmul.
+pub fn pointwise_conv(x: &Tensor, weight: &Tensor) -> Result<Tensor> {
+    let (n, c_in, h, w) = x.dims4()?;
+    let (c_out, wc_in, kh, kw) = weight.dims4()?;
+    if wc_in != c_in || kh != 1 || kw != 1 {
+        bail!("pointwise-conv: weight {:?} does not fit input with {c_in} channels", weight.dims());
+    }
+    cost::record(cost::conv2d_macs(&[n, c_out, h, w], c_in, 1, 1));
+    // The weight is broadcast with a zero batch stride, which candle's CPU matmul takes as is
+    // (no copy); its gradient is summed over the batch by the broadcast's backward.
+    let w2 = weight.reshape((c_out, c_in))?.broadcast_as((n, c_out, c_in))?;
+    let x3 = x.reshape((n, c_in, h * w))?;
+    w2.matmul(&x3)?.reshape((n, c_out, h, w))
+}
+
+/// Depthwise 3×3 convolution (padding 1) without bias; see [`depthwise`].
+#[derive(Clone, Debug)]
+pub struct DepthwiseConv3x3 {
+    /// `[c, 1, 3, 3]`.
+    weight: Tensor,
+    stride: usize,
+}
+
+impl DepthwiseConv3x3 {
+    pub fn new(c: usize, stride: usize, vb: VarBuilder<'_>) -> Result<Self> {
+        let weight = vb.get_with_hints((c, 1, 3, 3), "weight", kaiming_fan_out(c, 3, c))?;
+        Ok(Self { weight, stride })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        depthwise_conv3x3(x, &self.weight, self.stride)
+    }
+}
+
+/// Batch normalisation over `[n, c, h, w]` (per channel), with running statistics for eval.
+///
+/// Train mode normalises with the batch's mean and biased variance and updates the running
+/// statistics (momentum 0.1, unbiased variance, as in PyTorch). Eval mode uses the running
+/// statistics. Names under the builder: `weight`, `bias`, `running_mean`, `running_var`.
+#[derive(Clone, Debug)]
+pub struct BatchNorm2d {
+    weight: Tensor,
+    bias: Tensor,
+    running_mean: Var,
+    running_var: Var,
+    eps: f64,
+    momentum: f64,
+}
+
+impl BatchNorm2d {
+    pub fn new(c: usize, vb: VarBuilder<'_>) -> Result<Self> {
+        let weight = vb.get_with_hints(c, "weight", Init::Const(1.0))?;
+        let bias = vb.get_with_hints(c, "bias", Init::Const(0.0))?;
+        // With a VarMap-backed builder these tensors are the VarMap's variables, so `Var::set`
+        // below writes through to what `VarMap::save` persists.
+        let running_mean = Var::from_tensor(&vb.get_with_hints(c, "running_mean", Init::Const(0.0))?)?;
+        let running_var = Var::from_tensor(&vb.get_with_hints(c, "running_var", Init::Const(1.0))?)?;
+        Ok(Self { weight, bias, running_mean, running_var, eps: 1e-5, momentum: 0.1 })
+    }
+
+    pub fn running_mean(&self) -> &Tensor {
+        self.running_mean.as_tensor()
+    }
+
+    pub fn running_var(&self) -> &Tensor {
+        self.running_var.as_tensor()
+    }
+
+    fn forward_train(&self, x3: &Tensor) -> Result<Tensor> {
+        let (n, c, hw) = x3.dims3()?;
+        let m = (n * hw) as f64;
+        if m < 2.0 {
+            bail!("batch-norm: training needs more than one value per channel, got {n}×{hw}");
+        }
+        let mean = (x3.sum_keepdim(2)?.sum_keepdim(0)? / m)?;
+        let xc = x3.broadcast_sub(&mean)?;
+        let var = (xc.sqr()?.sum_keepdim(2)?.sum_keepdim(0)? / m)?;
+        let mom = self.momentum;
+        let rm = ((self.running_mean.as_detached_tensor() * (1.0 - mom))?
+            + (mean.detach().flatten_all()? * mom)?)?;
+        let rv = ((self.running_var.as_detached_tensor() * (1.0 - mom))?
+            + (var.detach().flatten_all()? * (mom * m / (m - 1.0)))?)?;
+        self.running_mean.set(&rm)?;
+        self.running_var.set(&rv)?;
+        let inv_std = (var + self.eps)?.sqrt()?.recip()?;
+        let scale = inv_std.broadcast_mul(&self.weight.reshape((1, c, 1))?)?;
+        xc.broadcast_mul(&scale)?.broadcast_add(&self.bias.reshape((1, c, 1))?)
+    }
+
+    pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let (n, c, h, w) = x.dims4()?;
+        if self.weight.dims() != [c] {
+            bail!("batch-norm: input has {c} channels, layer expects {}", self.weight.dim(0)?);
+        }
+        // Work on the [n, c, h·w] view: reductions over the last dim are candle's fast path.
+        let x3 = x.reshape((n, c, h * w))?;
+        if train {
+            return self.forward_train(&x3)?.reshape((n, c, h, w));
+        }
+        let shift = self.running_mean.as_detached_tensor().reshape((1, c, 1))?;
+        let inv_std =
+            (self.running_var.as_detached_tensor().reshape((1, c, 1))? + self.eps)?.sqrt()?.recip()?;
+        // Eval folds into one affine map per channel: y = x·a + b.
+        let a = inv_std.broadcast_mul(&self.weight.reshape((1, c, 1))?)?;
+        let b = (self.bias.reshape((1, c, 1))? - shift.mul(&a)?)?;
+        x3.broadcast_mul(&a)?.broadcast_add(&b)?.reshape((n, c, h, w))
+    }
+}
+
+/// A fully connected layer `y = x Wᵀ + b`, `weight [out, in]`, `bias [out]`.
+#[derive(Clone, Debug)]
+pub struct Linear {
+    weight: Tensor,
+    bias: Tensor,
+}
+
+impl Linear {
+    /// Initialised N(0, 0.01²) with zero bias (torchvision's classifier initialisation).
+    pub fn new(d_in: usize, d_out: usize, vb: VarBuilder<'_>) -> Result<Self> {
+        let weight = vb.get_with_hints((d_out, d_in), "weight", Init::Randn { mean: 0.0, stdev: 0.01 })?;
+        let bias = vb.get_with_hints(d_out, "bias", Init::Const(0.0))?;
+        Ok(Self { weight, bias })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (rows, d_in) = x.dims2()?;
+        let (d_out, w_in) = self.weight.dims2()?;
+        if d_in != w_in {
+            bail!("linear: input has {d_in} features, layer expects {w_in}");
+        }
+        cost::record(cost::linear_macs(rows, d_in, d_out));
+        x.matmul(&self.weight.t()?)?.broadcast_add(&self.bias)
+    }
+}
+
+/// Inverted dropout with drop probability `p`, active only in training.
+#[derive(Clone, Copy, Debug)]
+pub struct Dropout {
+    p: f32,
+}
+
+impl Dropout {
+    pub fn new(p: f32) -> Self {
+        Self { p }
+    }
+
+    pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        if train && self.p > 0.0 { candle_nn::ops::dropout(x, self.p) } else { Ok(x.clone()) }
+    }
+}
+
+/// Mean over height and width: `[n, c, h, w] → [n, c]`.
+pub fn global_avg_pool(x: &Tensor) -> Result<Tensor> {
+    x.flatten_from(2)?.mean(2)
+}
+
+/// Exact 2×2, stride-2 max pooling; height and width must be even.
+pub fn max_pool2x2(x: &Tensor) -> Result<Tensor> {
+    let (n, c, h, w) = x.dims4()?;
+    if h % 2 != 0 || w % 2 != 0 {
+        bail!("max-pool-2x2: height and width must be even, got {h}×{w}");
+    }
+    x.reshape((n, c, h / 2, 2, w / 2, 2))?.max(5)?.max(3)
+}
+
+/// 3×3, stride-2, padding-1 max pooling (ResNet's stem pool) for inputs that are ≥ 0.
+///
+/// Zero padding stands in for −∞ padding, which is exact for non-negative inputs (it follows a
+/// ReLU). Built from reshapes and maxima so its backward is candle's exact one; the pool is
+/// separable, so it runs along width then height. Output side: `(n − 1) / 2 + 1`.
+pub fn max_pool3x3_s2_nonneg(x: &Tensor) -> Result<Tensor> {
+    let x = pool3s2_along(x, 3)?;
+    pool3s2_along(&x, 2)
+}
+
+/// One 1-D 3-wide stride-2 max pool along `dim` (2 or 3) of a 4-D tensor.
+fn pool3s2_along(x: &Tensor, dim: usize) -> Result<Tensor> {
+    let n = x.dim(dim)?;
+    let o = (n - 1) / 2 + 1;
+    // Padded length 2o + 2: one zero before, the rest after. Output o covers padded 2o..=2o+2,
+    // i.e. pair o (2o, 2o+1) and the first element of pair o + 1.
+    let padded = x.pad_with_zeros(dim, 1, 2 * o + 1 - n)?;
+    let mut shape = padded.dims().to_vec();
+    shape[dim] = o + 1;
+    shape.insert(dim + 1, 2);
+    let pairs = padded.reshape(shape)?;
+    let pair_max = pairs.max(dim + 1)?.narrow(dim, 0, o)?;
+    let next_first = pairs.narrow(dim + 1, 0, 1)?.squeeze(dim + 1)?.narrow(dim, 1, o)?;
+    pair_max.maximum(&next_first)
+}
+
+/// Elementwise `min(max(x, 0), 6)`, fused forward and backward.
+pub fn relu6(x: &Tensor) -> Result<Tensor> {
+    if !x.device().is_cpu() {
+        return x.clamp(0f32, 6f32);
+    }
+    x.contiguous()?.apply_op1(Relu6)
+}
+
+const PAR_CHUNK: usize = 1 << 15;
+
+struct Relu6;
+
+/// `(res, grad) → grad · [0 < res < 6]`: the gradient of [`relu6`] given its output.
+struct Relu6Bwd;
+
+fn relu6_map<T: WithDType>(x: &[T]) -> Vec<T> {
+    let six = T::from_f64(6.0);
+    let mut y = vec![T::zero(); x.len()];
+    y.par_chunks_mut(PAR_CHUNK).zip(x.par_chunks(PAR_CHUNK)).for_each(|(yc, xc)| {
+        for (yv, xv) in yc.iter_mut().zip(xc) {
+            let v = *xv;
+            *yv = if v > six {
+                six
+            } else if v > T::zero() {
+                v
+            } else {
+                T::zero()
+            };
+        }
+    });
+    y
+}
+
+fn relu6_bwd_map<T: WithDType>(res: &[T], g: &[T]) -> Vec<T> {
+    let six = T::from_f64(6.0);
+    let mut out = vec![T::zero(); g.len()];
+    out.par_chunks_mut(PAR_CHUNK).zip(res.par_chunks(PAR_CHUNK).zip(g.par_chunks(PAR_CHUNK))).for_each(
+        |(oc, (rc, gc))| {
+            for ((o, r), gv) in oc.iter_mut().zip(rc).zip(gc) {
+                *o = if *r > T::zero() && *r < six { *gv } else { T::zero() };
+            }
+        },
+    );
+    out
+}
+
+fn slice_of<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [T]> {
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&s.as_slice::<T>()?[a..b]),
+        None => bail!("{op}: input must be contiguous"),
+    }
+}
+
+impl CustomOp1 for Relu6 {
+    fn name(&self) -> &'static str {
+        "relu6"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let out = match s.dtype() {
+            DType::F32 => CpuStorage::F32(relu6_map(slice_of::<f32>(s, l, self.name())?)),
+            DType::F64 => CpuStorage::F64(relu6_map(slice_of::<f64>(s, l, self.name())?)),
+            d => bail!("relu6: unsupported dtype {d:?} (f32 or f64)"),
+        };
+        Ok((out, l.shape().clone()))
+    }
+
+    fn bwd(&self, _arg: &Tensor, res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(res.apply_op2_no_bwd(&grad.contiguous()?, &Relu6Bwd)?))
+    }
+}
+
+impl CustomOp2 for Relu6Bwd {
+    fn name(&self) -> &'static str {
+        "relu6-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        if l1.shape() != l2.shape() {
+            bail!("relu6-grad: shapes {:?} and {:?} differ", l1.dims(), l2.dims());
+        }
+        let out = match s1.dtype() {
+            DType::F32 => CpuStorage::F32(relu6_bwd_map(
+                slice_of::<f32>(s1, l1, self.name())?,
+                slice_of::<f32>(s2, l2, self.name())?,
+            )),
+            DType::F64 => CpuStorage::F64(relu6_bwd_map(
+                slice_of::<f64>(s1, l1, self.name())?,
+                slice_of::<f64>(s2, l2, self.name())?,
+            )),
+            d => bail!("relu6-grad: unsupported dtype {d:?} (f32 or f64)"),
+        };
+        Ok((out, l1.shape().clone()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::gradcheck::{check_grads, pseudo_random, rand_var};
+    use super::*;
+    use candle_core::Device;
+    use candle_nn::VarMap;
+
+    fn vb64(vm: &VarMap) -> VarBuilder<'static> {
+        VarBuilder::from_varmap(vm, DType::F64, &Device::Cpu)
+    }
+
+    #[test]
+    fn pointwise_matches_conv_and_gradchecks() -> Result<()> {
+        let x = rand_var((2, 3, 3, 4), 3)?;
+        let k = rand_var((5, 3, 1, 1), 4)?;
+        let ours = pointwise_conv(&x, &k)?;
+        let theirs = x.conv2d(&k, 0, 1, 1, 1)?;
+        let d = (ours - theirs)?.abs()?.max_all()?.to_scalar::<f64>()?;
+        assert!(d < 1e-12, "max diff {d}");
+        check_grads(&[&x, &k], 1e-6, 1e-6, |v| pointwise_conv(&v[0], &v[1]))
+    }
+
+    #[test]
+    fn conv2d_gradchecks_and_records_macs() -> Result<()> {
+        let vm = VarMap::new();
+        let conv = Conv2d::new(2, 3, 3, 2, 1, true, vb64(&vm).pp("c"))?;
+        let x = rand_var((2, 2, 5, 5), 5)?;
+        let (y, macs) = crate::cost::count(|| conv.forward(&x));
+        assert_eq!(y?.dims(), [2, 3, 3, 3]);
+        assert_eq!(macs, 2 * 3 * 9 * 2 * 9);
+        let mut vars: Vec<Var> = vm.all_vars();
+        vars.push(x);
+        let refs: Vec<&Var> = vars.iter().collect();
+        let n = refs.len();
+        check_grads(&refs, 1e-6, 1e-6, |v| {
+            // The layer reads its own weight vars; the input is the last argument.
+            conv.forward(&v[n - 1])
+        })
+    }
+
+    #[test]
+    fn conv2d_rejects_mixed_parity_for_stride_2() {
+        let vm = VarMap::new();
+        let conv = Conv2d::new(1, 1, 3, 2, 1, false, vb64(&vm)).unwrap();
+        let x = Tensor::zeros((1, 1, 6, 5), DType::F64, &Device::Cpu).unwrap();
+        let e = conv.forward(&x).unwrap_err().to_string();
+        assert!(e.contains("equal parity"), "{e}");
+    }
+
+    #[test]
+    fn batchnorm_train_gradchecks() -> Result<()> {
+        let vm = VarMap::new();
+        let bn = BatchNorm2d::new(3, vb64(&vm))?;
+        // Non-trivial affine parameters so their gradients are exercised.
+        for (name, seed) in [("weight", 7), ("bias", 8)] {
+            let v = vm.data().lock().unwrap()[name].clone();
+            v.set(&Tensor::from_vec(pseudo_random(3, seed), 3, &Device::Cpu)?)?;
+        }
+        let x = rand_var((2, 3, 2, 3), 6)?;
+        let mut vars: Vec<Var> =
+            ["weight", "bias"].iter().map(|k| vm.data().lock().unwrap()[*k].clone()).collect();
+        vars.push(x);
+        let refs: Vec<&Var> = vars.iter().collect();
+        check_grads(&refs, 1e-6, 1e-6, |v| bn.forward_t(&v[2], true))
+    }
+
+    #[test]
+    fn batchnorm_eval_gradchecks_and_modes_differ() -> Result<()> {
+        let vm = VarMap::new();
+        let bn = BatchNorm2d::new(2, vb64(&vm))?;
+        let x = rand_var((4, 2, 3, 3), 9)?.as_tensor().affine(3.0, 1.0)?;
+        let train = bn.forward_t(&x, true)?;
+        // Train output is standardised per channel.
+        let m = train.transpose(0, 1)?.flatten_from(1)?.mean(1)?.to_vec1::<f64>()?;
+        assert!(m.iter().all(|v| v.abs() < 1e-12), "{m:?}");
+        // Running stats moved 10% of the way to the batch statistics.
+        let rm = bn.running_mean().to_vec1::<f64>()?;
+        let bm = x.transpose(0, 1)?.flatten_from(1)?.mean(1)?.to_vec1::<f64>()?;
+        for (r, b) in rm.iter().zip(&bm) {
+            assert!((r - 0.1 * b).abs() < 1e-12, "{r} vs 0.1·{b}");
+        }
+        let eval = bn.forward_t(&x, false)?;
+        let d = (&train - &eval)?.abs()?.max_all()?.to_scalar::<f64>()?;
+        assert!(d > 0.1, "train and eval outputs should differ, max diff {d}");
+        let xv = Var::from_tensor(&x)?;
+        let w = vm.data().lock().unwrap()["weight"].clone();
+        check_grads(&[&xv, &w], 1e-6, 1e-6, |v| bn.forward_t(&v[0], false))
+    }
+
+    #[test]
+    fn linear_gradchecks() -> Result<()> {
+        let vm = VarMap::new();
+        let lin = Linear::new(4, 3, vb64(&vm))?;
+        let x = rand_var((2, 4), 10)?;
+        let (y, macs) = crate::cost::count(|| lin.forward(&x));
+        assert_eq!(y?.dims(), [2, 3]);
+        assert_eq!(macs, 24);
+        let mut vars = vm.all_vars();
+        vars.push(x);
+        let refs: Vec<&Var> = vars.iter().collect();
+        check_grads(&refs, 1e-6, 1e-6, |v| lin.forward(&v[2]))
+    }
+
+    #[test]
+    fn relu6_values_and_gradients() -> Result<()> {
+        let dev = Device::Cpu;
+        let x = Tensor::new(&[-1.0f64, 0.5, 3.0, 5.9, 6.5, 100.0], &dev)?;
+        assert_eq!(relu6(&x)?.to_vec1::<f64>()?, [0.0, 0.5, 3.0, 5.9, 6.0, 6.0]);
+        // Spread values over both kinks, keeping away from them by more than the FD step.
+        let v: Vec<f64> = pseudo_random(40, 11).iter().map(|r| r * 8.0 - 1.0).collect();
+        let x = Var::from_tensor(&Tensor::new(v, &dev)?)?;
+        check_grads(&[&x], 1e-6, 1e-6, |v| relu6(&v[0]))
+    }
+
+    #[test]
+    fn pools_values_and_gradients() -> Result<()> {
+        let dev = Device::Cpu;
+        let x = Tensor::arange(0f64, 16.0, &dev)?.reshape((1, 1, 4, 4))?;
+        assert_eq!(max_pool2x2(&x)?.flatten_all()?.to_vec1::<f64>()?, [5.0, 7.0, 13.0, 15.0]);
+        assert_eq!(global_avg_pool(&x)?.to_vec2::<f64>()?, [[7.5]]);
+        assert!(max_pool2x2(&Tensor::zeros((1, 1, 3, 4), DType::F64, &dev)?).is_err());
+        let x = rand_var((2, 2, 4, 6), 12)?;
+        check_grads(&[&x], 1e-6, 1e-6, |v| max_pool2x2(&v[0]))?;
+        check_grads(&[&x], 1e-6, 1e-6, |v| global_avg_pool(&v[0]))
+    }
+
+    #[test]
+    fn max_pool3x3_matches_candle_and_gradchecks() -> Result<()> {
+        for side in [4, 5, 7, 8] {
+            let x = rand_var((2, 2, side, side), side as u64)?.as_tensor().abs()?;
+            let ours = max_pool3x3_s2_nonneg(&x)?;
+            // Reference: candle's forward on a zero-padded input (its forward is correct).
+            let theirs = x.pad_with_zeros(2, 1, 1)?.pad_with_zeros(3, 1, 1)?.max_pool2d_with_stride(3, 2)?;
+            assert_eq!(ours.dims(), theirs.dims(), "side {side}");
+            let d = (ours - theirs)?.abs()?.max_all()?.to_scalar::<f64>()?;
+            assert!(d == 0.0, "side {side}: max diff {d}");
+            let xv = Var::from_tensor(&x)?;
+            check_grads(&[&xv], 1e-6, 1e-6, |v| max_pool3x3_s2_nonneg(&v[0]))?;
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn dropout_only_in_training() -> Result<()> {
+        let x = Tensor::ones((64, 64), DType::F32, &Device::Cpu)?;
+        let d = Dropout::new(0.5);
+        assert_eq!(d.forward_t(&x, false)?.sum_all()?.to_scalar::<f32>()?, 4096.0);
+        let y = d.forward_t(&x, true)?.flatten_all()?.to_vec1::<f32>()?;
+        let zeros = y.iter().filter(|v| **v == 0.0).count();
+        assert!((1500..2600).contains(&zeros), "{zeros} of 4096 dropped");
+        assert!(y.iter().all(|v| *v == 0.0 || *v == 2.0));
+        Ok(())
+    }
+}
