@@ -4,7 +4,9 @@
 //! preprocessing that turns an encoded face into a model input live here. Storage is the cache crate's.
 
 pub mod batch;
+pub mod ingest;
 pub mod record;
+pub mod synth;
 pub mod view;
 
 pub use batch::Batch;
