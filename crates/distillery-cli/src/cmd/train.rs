@@ -1,0 +1,139 @@
+//! `distillery train`: trains (distils) a student from a faces dataset and a teacher cache, locally
+//! or by submitting the run to a trainer service.
+//!
+//! The configuration is `--config` (or the defaults), then the shortcut flags (`--faces`, `--cache`,
+//! `--student`), then every `--set key.path=value` in order; an unknown key is an error naming it.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use distillery_proto::v1::trainer_service_client::TrainerServiceClient;
+use distillery_proto::v1::{RunEventKind, RunState, SubmitRunRequest, WatchRunRequest};
+use distillery_trainer::TrainConfig;
+use distillery_trainer::run::{RunOptions, run as run_training};
+use distillery_trainer::train::Progress;
+use indicatif::{ProgressBar, ProgressStyle};
+
+/// Options of `train`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct TrainArgs {
+    /// Faces dataset URI (sets `data.faces`).
+    #[arg(long)]
+    pub faces: Option<String>,
+    /// Teacher cache URI (sets `data.cache`); without one the run is plain supervised training.
+    #[arg(long)]
+    pub cache: Option<String>,
+    /// Student spec, e.g. `mobilenetv2:0.5@112`, `resnet18`, `tiny@64` (sets `student.spec`).
+    #[arg(long)]
+    pub student: Option<String>,
+    /// Run directory (checkpoints, metrics, final model, report). Required unless --trainer.
+    #[arg(long, value_name = "RUN_DIR")]
+    pub out: Option<PathBuf>,
+    /// Training configuration TOML (see configs/train/).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Override one configuration key, e.g. `--set optim.lr=3e-4`; repeatable.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub set: Vec<String>,
+    /// Continue from the last checkpoint in the run directory.
+    #[arg(long)]
+    pub resume: bool,
+    /// Submit the run to this trainer service (e.g. http://host:50053) instead of training here.
+    #[arg(long, value_name = "URL")]
+    pub trainer: Option<String>,
+    /// Do not draw a progress bar.
+    #[arg(long)]
+    pub no_progress: bool,
+}
+
+impl TrainArgs {
+    /// `--set` assignments implied by the shortcut flags, followed by the explicit ones.
+    pub fn overrides(&self) -> Vec<String> {
+        let mut o = Vec::new();
+        if let Some(f) = &self.faces {
+            o.push(format!("data.faces={f}"));
+        }
+        if let Some(c) = &self.cache {
+            o.push(format!("data.cache={c}"));
+        }
+        if let Some(s) = &self.student {
+            o.push(format!("student.spec={s}"));
+        }
+        o.extend(self.set.iter().cloned());
+        o
+    }
+}
+
+/// Runs `distillery train`.
+pub async fn run(args: TrainArgs) -> anyhow::Result<()> {
+    let overrides = args.overrides();
+    let cfg = TrainConfig::load(args.config.as_deref(), &overrides)?;
+    if let Some(url) = &args.trainer {
+        return submit(url, &cfg).await;
+    }
+    let out = args.out.clone().context("--out RUN_DIR is required when training locally")?;
+    let mut opts = RunOptions::new(&out);
+    opts.resume = args.resume;
+    let bar = if args.no_progress {
+        None
+    } else {
+        let b = ProgressBar::new(0);
+        b.set_style(
+            ProgressStyle::with_template("{bar:40} {pos}/{len} steps  epoch {msg}  [{elapsed_precise} < {eta_precise}]")
+                .expect("progress template"),
+        );
+        Some(b)
+    };
+    if let Some(b) = bar.clone() {
+        opts.progress = Some(Box::new(move |p: &Progress| {
+            b.set_length(p.total_steps);
+            b.set_position(p.step);
+            b.set_message(format!("{}  loss {:.4}  lr {:.2e}", p.epoch, p.losses.total, p.lr));
+        }));
+    }
+    let report = run_training(&cfg, opts).await.with_context(|| format!("training into {}", out.display()))?;
+    if let Some(b) = bar {
+        b.finish_and_clear();
+    }
+    println!("{}", serde_json::to_string_pretty(&report)?);
+    Ok(())
+}
+
+/// Submits the run to a trainer service and follows it until it ends.
+async fn submit(url: &str, cfg: &TrainConfig) -> anyhow::Result<()> {
+    let mut client = TrainerServiceClient::connect(url.to_string())
+        .await
+        .with_context(|| format!("connecting to trainer {url}"))?;
+    let run = client
+        .submit_run(SubmitRunRequest { config_toml: cfg.to_toml(), overrides: vec![] })
+        .await
+        .with_context(|| format!("SubmitRun on {url}"))?
+        .into_inner();
+    println!("submitted run {} (run dir {} on the trainer)", run.run_id, run.run_dir);
+    let mut events = client
+        .watch_run(WatchRunRequest { run_id: run.run_id.clone() })
+        .await
+        .with_context(|| format!("WatchRun {}", run.run_id))?
+        .into_inner();
+    let mut last_state = run.state;
+    loop {
+        let next = tokio::time::timeout(Duration::from_secs(3600), events.message()).await;
+        let Ok(msg) = next else { anyhow::bail!("no news of run {} for an hour", run.run_id) };
+        let Some(ev) = msg.with_context(|| format!("watching run {}", run.run_id))? else { break };
+        if ev.kind == RunEventKind::Metrics as i32 {
+            let m: Vec<String> = ev.metrics.iter().map(|m| format!("{}={:.4}", m.name, m.value)).collect();
+            println!("step {} epoch {}: {}", ev.step, ev.epoch, m.join(" "));
+        }
+        if let Some(r) = ev.run {
+            if r.state != last_state {
+                println!("run {}: {:?}", r.run_id, RunState::try_from(r.state).unwrap_or(RunState::Unspecified));
+                last_state = r.state;
+            }
+            if r.state == RunState::Failed as i32 {
+                anyhow::bail!("run {} failed: {}", r.run_id, r.error);
+            }
+        }
+    }
+    Ok(())
+}
