@@ -27,10 +27,22 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// Generate labelled synthetic faces into a faces dataset.
+    Synth(cmd::faces::SynthArgs),
+    /// Bring faces in: AffectNet CSV, class folders, or a manifest.
+    Ingest(cmd::faces::IngestArgs),
+    /// Look at a faces dataset.
+    Faces(cmd::faces::FacesArgs),
     /// Label a faces dataset with a teacher into a Lance cache (via a coordinator or embedded).
     Label(cmd::label::LabelArgs),
     /// Inspect and maintain teacher caches.
     Cache(cmd::cache::CacheArgs),
+    /// Distil a student from a teacher cache (or train one without a teacher).
+    Train(cmd::train::TrainArgs),
+    /// Evaluate a student run or a teacher on a split: accuracy, macro-F1, CCC, agreement.
+    Eval(cmd::eval::EvalArgs),
+    /// List every model with parameters, MACs and input shape.
+    Models(cmd::models::ModelsArgs),
     /// Run a teacher or a trained student on images or a preprocessed array.
     Predict(cmd::predict::PredictArgs),
     /// Run a service: coordinator or teacher worker.
@@ -64,6 +76,12 @@ fn main() -> ExitCode {
     };
     let result = rt.block_on(async move {
         match cli.command {
+            Command::Synth(a) => cmd::faces::synth(a).await,
+            Command::Ingest(a) => cmd::faces::ingest(a).await,
+            Command::Faces(a) => cmd::faces::faces(a).await,
+            Command::Train(a) => cmd::train::run(a).await.map(|()| ExitCode::SUCCESS),
+            Command::Eval(a) => cmd::eval::run(a).await.map(|()| ExitCode::SUCCESS),
+            Command::Models(a) => cmd::models::run(a).await,
             Command::Label(a) => cmd::label::run(a).await,
             Command::Cache(a) => cmd::cache::run(a).await,
             Command::Predict(a) => cmd::predict::run(a).await,

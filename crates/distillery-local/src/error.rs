@@ -12,6 +12,12 @@ pub enum Error {
     Rpc { call: &'static str, status: Box<tonic::Status> },
     #[error("invalid {what}: {reason}")]
     Invalid { what: &'static str, reason: String },
+    #[error("training: {0}")]
+    Train(#[from] distillery_trainer::Error),
+    #[error("faces dataset: {0}")]
+    Faces(#[from] distillery_cache::Error),
+    #[error("{what}: {reason}")]
+    Step { what: String, reason: String },
     #[error("labelling job {job_id} ended {state}: {detail}")]
     JobFailed { job_id: String, state: String, detail: String },
 }

@@ -6,7 +6,9 @@
 pub mod cluster;
 pub mod error;
 pub mod label;
+pub mod quickstart;
 
 pub use cluster::{LocalCluster, LocalClusterConfig};
 pub use error::{Error, Result};
 pub use label::{JobProgress, LabelRequest, submit_and_wait};
+pub use quickstart::{QuickstartOptions, QuickstartSummary, quickstart};

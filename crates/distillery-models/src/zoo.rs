@@ -9,7 +9,7 @@ use candle_nn::{VarBuilder, VarMap};
 use crate::cost::{self, ModelCost};
 use crate::emonet::{EmoNet, EmoNetVariant};
 use crate::onnx::OnnxTeacher;
-use crate::student::{Student, StudentSpec, build_student, parameter_count};
+use crate::student::{StudentSpec, build_student, parameter_count};
 use crate::teacher::Teacher;
 
 /// Students listed by default: the paper's student and the other zoo members at their usual sizes.

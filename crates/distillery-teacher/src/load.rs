@@ -14,6 +14,10 @@ use std::str::FromStr;
 use std::sync::Arc;
 
 use candle_core::Device;
+use distillery_core::ClassSet;
+use distillery_models::emonet::{EmoNet, EmoNetVariant};
+use distillery_models::onnx::OnnxTeacher;
+use distillery_models::student::{StudentSpec, StudentTeacher};
 use distillery_models::teacher::Teacher;
 
 use crate::error::{Error, Result};
@@ -131,6 +135,25 @@ pub fn check_device_name(s: &str) -> Result<()> {
     if ok { Ok(()) } else { Err(Error::config("device", format!("`{s}` is not cpu, cuda or cuda:N"))) }
 }
 
+/// Class names of a student run: `classes.json` (a list of names) when the run wrote one, else
+/// EmoNet's 8- or 5-class order by the head's width.
+fn student_classes(dir: &Path) -> std::result::Result<ClassSet, String> {
+    let names = dir.join("classes.json");
+    if names.is_file() {
+        let text = std::fs::read_to_string(&names).map_err(|e| format!("{}: {e}", names.display()))?;
+        let list: Vec<String> = serde_json::from_str(&text).map_err(|e| format!("{}: {e}", names.display()))?;
+        return Ok(ClassSet::new(list));
+    }
+    let spec_path = dir.join("student.json");
+    let text = std::fs::read_to_string(&spec_path).map_err(|e| format!("{}: {e}", spec_path.display()))?;
+    let spec: StudentSpec = serde_json::from_str(&text).map_err(|e| format!("{}: {e}", spec_path.display()))?;
+    Ok(match spec.num_classes {
+        8 => ClassSet::emonet8(),
+        5 => ClassSet::emonet5(),
+        n => ClassSet::new((0..n).map(|i| format!("class_{i}"))),
+    })
+}
+
 /// Loads the teacher named by `spec` on `device`.
 ///
 /// Teachers whose implementation is not part of this build return [`Error::Load`] naming the spec.
@@ -140,17 +163,26 @@ pub fn load_teacher(spec: &TeacherSpec, device: &Device) -> Result<Arc<dyn Teach
         TeacherSpec::Tiny { seed, side } => {
             Ok(Arc::new(TinyTeacher::new(*seed, *side, device).map_err(|e| Error::load(&name, e))?))
         }
-        TeacherSpec::Emonet { .. } => {
-            Err(Error::load(name, "the EmoNet teacher is not available in this build"))
+        TeacherSpec::Emonet { classes, weights } => {
+            let variant = if *classes == 5 { EmoNetVariant::Five } else { EmoNetVariant::Eight };
+            let Some(weights) = weights else {
+                return Err(Error::load(
+                    name,
+                    "EmoNet needs its weights: give emonet-8:PATH (or --weights PATH) with emonet_8.pth or .safetensors",
+                ));
+            };
+            let model = EmoNet::load(variant, weights, device).map_err(|e| Error::load(&name, e))?;
+            Ok(Arc::new(model))
         }
         TeacherSpec::Onnx(path) => {
             if !path.is_file() {
                 return Err(Error::load(name, format!("{} does not exist", path.display())));
             }
-            Err(Error::load(name, "ONNX teachers are not available in this build"))
+            Ok(Arc::new(OnnxTeacher::from_config_file(path, device).map_err(|e| Error::load(&name, e))?))
         }
-        TeacherSpec::Student(_) => {
-            Err(Error::load(name, "students as teachers are not available in this build"))
+        TeacherSpec::Student(dir) => {
+            let classes = student_classes(dir).map_err(|e| Error::load(&name, e))?;
+            Ok(Arc::new(StudentTeacher::load(dir, classes, device).map_err(|e| Error::load(&name, e))?))
         }
     }
 }

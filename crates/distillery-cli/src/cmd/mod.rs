@@ -2,7 +2,11 @@
 
 pub mod cache;
 pub mod completions;
+pub mod eval;
+pub mod faces;
 pub mod label;
+pub mod models;
 pub mod predict;
 pub mod serve_coordinator;
 pub mod serve_teacher;
+pub mod train;
