@@ -27,6 +27,8 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// The whole pipeline on synthetic faces, embedded: synth, teacher, labelling, distillation, report.
+    Quickstart(cmd::quickstart::QuickstartArgs),
     /// Generate labelled synthetic faces into a faces dataset.
     Synth(cmd::faces::SynthArgs),
     /// Bring faces in: AffectNet CSV, class folders, or a manifest.
@@ -76,6 +78,7 @@ fn main() -> ExitCode {
     };
     let result = rt.block_on(async move {
         match cli.command {
+            Command::Quickstart(a) => cmd::quickstart::run(a).await,
             Command::Synth(a) => cmd::faces::synth(a).await,
             Command::Ingest(a) => cmd::faces::ingest(a).await,
             Command::Faces(a) => cmd::faces::faces(a).await,

@@ -310,6 +310,11 @@ pub async fn run(cfg: &TrainConfig, mut opts: RunOptions) -> Result<RunReport> {
     let spec2 = spec.clone();
     let (summary, model) = tokio::task::spawn_blocking(move || -> Result<(TrainSummary, Box<dyn Student>)> {
         let student = StudentModel(model);
+        let mut report_progress = |p: &Progress| {
+            if let Some(f) = progress.as_mut() {
+                f(p)
+            }
+        };
         let summary = train(TrainRun {
             config: &cfg2,
             run_dir: &run_dir,
@@ -318,7 +323,7 @@ pub async fn run(cfg: &TrainConfig, mut opts: RunOptions) -> Result<RunReport> {
             source: &mut source,
             resume,
             stop_after,
-            progress: progress.as_deref_mut(),
+            progress: Some(&mut report_progress),
             cancel,
         })?;
         save_student(&run_dir, &spec2, &vm2).map_err(|e| Error::format(&run_dir, e.to_string()))?;

@@ -7,6 +7,7 @@ pub mod faces;
 pub mod label;
 pub mod models;
 pub mod predict;
+pub mod quickstart;
 pub mod serve_coordinator;
 pub mod serve_teacher;
 pub mod train;
