@@ -27,7 +27,10 @@ fn main() {
         }
     };
     let iters: usize = std::env::var("EMONET_BENCH_ITERS").ok().and_then(|s| s.parse().ok()).unwrap_or(3);
-    println!("EmoNet-8, {} parameters, CPU, {iters} timed iterations after 1 warm-up", model.parameter_count());
+    println!(
+        "EmoNet-8, {} parameters, CPU, {iters} timed iterations after 1 warm-up",
+        model.parameter_count()
+    );
     for batch in [1usize, 8] {
         let x = emonet_fixture::formula_images(batch, 256);
         model.forward_all(&x).expect("warm-up forward");

@@ -66,7 +66,10 @@ fn check_variant(variant: EmoNetVariant) {
         let sum_sq: f64 = embedding[n].iter().map(|v| f64::from(*v).powi(2)).sum();
         let want_sum_sq = img["embedding_sum_sq"].as_f64().unwrap();
         assert!((sum - img["embedding_sum"].as_f64().unwrap()).abs() < 1e-2, "{tag}: embedding sum {sum}");
-        assert!((sum_sq - want_sum_sq).abs() < 1e-4 * want_sum_sq, "{tag}: embedding sum of squares {sum_sq}");
+        assert!(
+            (sum_sq - want_sum_sq).abs() < 1e-4 * want_sum_sq,
+            "{tag}: embedding sum of squares {sum_sq}"
+        );
 
         // Landmarks: the reference arg-max cell, where it is not a float-level tie.
         let cells = img["heatmap_argmax_row_col"].as_array().unwrap();
@@ -140,7 +143,8 @@ fn teacher_info_and_fingerprint() {
     let key = "emo_fc_2.3.bias";
     let bumped = (sd[key].clone() + 1e-3).unwrap();
     sd.insert(key.to_owned(), bumped);
-    let c = EmoNet::new(EmoNetVariant::Eight, VarBuilder::from_tensors(sd, DType::F32, &Device::Cpu)).unwrap();
+    let c =
+        EmoNet::new(EmoNetVariant::Eight, VarBuilder::from_tensors(sd, DType::F32, &Device::Cpu)).unwrap();
     assert_ne!(info.fingerprint, c.info().fingerprint);
 
     let five = build(&fx, EmoNetVariant::Five);

@@ -31,8 +31,8 @@ use candle_nn::VarBuilder;
 use distillery_core::{ClassSet, Preprocess, TeacherFingerprint};
 
 use self::layers::{BatchNorm, Conv, ConvBlock, HourGlass, Linear, global_avg_pool, max_pool2};
-use self::weights::{Params, is_parameter};
 pub use self::weights::{EmoNetError, read_state_dict};
+use self::weights::{Params, is_parameter};
 use crate::teacher::{Teacher, TeacherInfo, TeacherOutput};
 
 /// Input side EmoNet was trained for; the head's pooling only fits this size.

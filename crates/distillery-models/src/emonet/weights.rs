@@ -27,7 +27,10 @@ pub enum EmoNetError {
 /// Reads a state dict from `path` (`.pth`/`.pt` PyTorch zip pickle, or `.safetensors`), strips a
 /// leading `module.` from every key, drops `num_batches_tracked` counters and converts every
 /// tensor to f32 on `device`.
-pub fn read_state_dict(path: &Path, device: &Device) -> std::result::Result<HashMap<String, Tensor>, EmoNetError> {
+pub fn read_state_dict(
+    path: &Path,
+    device: &Device,
+) -> std::result::Result<HashMap<String, Tensor>, EmoNetError> {
     let read_err = |source| EmoNetError::Read { path: path.to_owned(), source };
     let format_err = |reason: String| EmoNetError::Format { path: path.to_owned(), reason };
     if !path.is_file() {
