@@ -17,9 +17,11 @@ fn env(name: &str, default: usize) -> usize {
 }
 
 fn face(i: u32, side: u32) -> FaceRecord {
-    let img = image::RgbImage::from_fn(side, side, |x, y| {
+    let mut img = image::RgbImage::from_fn(side, side, |x, y| {
         image::Rgb([(i * 31 + x) as u8, (i * 7 + y) as u8, ((x * y) ^ i) as u8])
     });
+    // The first pixel spells out `i`, so every face is distinct.
+    img.put_pixel(0, 0, image::Rgb([i as u8, (i >> 8) as u8, (i >> 16) as u8]));
     let mut buf = std::io::Cursor::new(Vec::new());
     img.write_to(&mut buf, image::ImageFormat::Png).unwrap();
     let image = buf.into_inner();
