@@ -55,7 +55,7 @@ enum IngestSource {
         #[arg(long, default_value = "train", value_parser = parse_split)]
         split: Split,
         /// 8 (EmoNet-8, default) or 5 (keep expressions 0–4 only).
-        #[arg(long, default_value_t = 8, value_parser = clap::builder::PossibleValuesParser::new(["8", "5"]).map(|s| s.parse::<u8>().expect("8 or 5")))]
+        #[arg(long, default_value_t = 8, value_parser = parse_class_count)]
         classes: u8,
         #[arg(long, value_enum, default_value_t)]
         format: Format,
@@ -106,6 +106,14 @@ enum FacesCommand {
         #[arg(long, value_enum, default_value_t)]
         format: Format,
     },
+}
+
+fn parse_class_count(s: &str) -> Result<u8, String> {
+    match s {
+        "8" => Ok(8),
+        "5" => Ok(5),
+        _ => Err(format!("`{s}` is not 8 or 5")),
+    }
 }
 
 fn parse_split(s: &str) -> Result<Split, String> {
