@@ -16,7 +16,9 @@ use clap::{Parser, Subcommand};
 /// Distil small, fast facial-expression models from a big teacher.
 #[derive(Parser, Debug)]
 #[command(name = "distillery", version, about, long_about = None, propagate_version = true)]
-#[command(after_help = "Start with `distillery quickstart --quick`; every subcommand has --help with examples.")]
+#[command(
+    after_help = "Start with `distillery quickstart --quick`; every subcommand has --help with examples."
+)]
 struct Cli {
     /// Log filter for stderr (tracing EnvFilter syntax, e.g. `info`, `distillery_trainer=debug`).
     #[arg(long, global = true, env = "DISTILLERY_LOG", default_value = "info")]
@@ -62,10 +64,14 @@ struct ServeArgs {
 #[derive(Subcommand, Debug)]
 enum Service {
     /// The coordinator: splits labelling jobs into shards, leases them, commits results once.
-    #[command(after_help = "Example: distillery serve coordinator --listen 0.0.0.0:50051 --state-dir /var/lib/distillery")]
+    #[command(
+        after_help = "Example: distillery serve coordinator --listen 0.0.0.0:50051 --state-dir /var/lib/distillery"
+    )]
     Coordinator(cmd::serve_coordinator::ServeCoordinatorArgs),
     /// A teacher worker: leases shards from a coordinator, labels them, serves its teacher.
-    #[command(after_help = "Example: distillery serve teacher --coordinator http://coordinator:50051 --teacher configs/teachers/faceapi.toml")]
+    #[command(
+        after_help = "Example: distillery serve teacher --coordinator http://coordinator:50051 --teacher configs/teachers/faceapi.toml"
+    )]
     Teacher(cmd::serve_teacher::ServeTeacherArgs),
 }
 

@@ -49,7 +49,12 @@ pub trait CacheCommitter: Send + Sync + 'static {
 
     /// Commits the staged fragments (JSON) of one shard under `shard_key`, once: a second commit
     /// under the same key must return [`CommitOutcome::AlreadyCommitted`] and write nothing.
-    async fn commit(&self, spec: &JobSpec, shard_key: &str, staged: &[u8]) -> Result<CommitOutcome, BackendError>;
+    async fn commit(
+        &self,
+        spec: &JobSpec,
+        shard_key: &str,
+        staged: &[u8],
+    ) -> Result<CommitOutcome, BackendError>;
 
     /// For each range, whether every face in it already has outputs for `teacher` and every view
     /// index `0..=spec.views`.
@@ -118,7 +123,13 @@ impl MemoryBackend {
 
     /// Shard keys committed to `cache_uri`, in order.
     pub fn commits(&self, cache_uri: &str) -> Vec<String> {
-        self.inner.lock().unwrap().commits.get(cache_uri).map(|m| m.keys().cloned().collect()).unwrap_or_default()
+        self.inner
+            .lock()
+            .unwrap()
+            .commits
+            .get(cache_uri)
+            .map(|m| m.keys().cloned().collect())
+            .unwrap_or_default()
     }
 
     /// Number of commits that wrote something to `cache_uri`.
@@ -146,8 +157,14 @@ impl CacheCommitter for MemoryBackend {
         Ok(g.commits.get(&spec.cache_uri).map(|m| m.keys().cloned().collect()).unwrap_or_default())
     }
 
-    async fn commit(&self, spec: &JobSpec, shard_key: &str, staged: &[u8]) -> Result<CommitOutcome, BackendError> {
-        serde_json::from_slice::<serde_json::Value>(staged).map_err(|e| BackendError::InvalidStaged(e.to_string()))?;
+    async fn commit(
+        &self,
+        spec: &JobSpec,
+        shard_key: &str,
+        staged: &[u8],
+    ) -> Result<CommitOutcome, BackendError> {
+        serde_json::from_slice::<serde_json::Value>(staged)
+            .map_err(|e| BackendError::InvalidStaged(e.to_string()))?;
         let mut g = self.inner.lock().unwrap();
         if g.fail_commits > 0 {
             g.fail_commits -= 1;

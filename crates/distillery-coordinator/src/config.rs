@@ -87,7 +87,10 @@ impl CoordinatorConfig {
             return Err(Error::config("state_dir", "is required"));
         }
         if self.lease_ttl < Duration::from_millis(100) || self.lease_ttl > Duration::from_secs(86_400) {
-            return Err(Error::config("lease_ttl", format!("{:?} is not between 100ms and 24h", self.lease_ttl)));
+            return Err(Error::config(
+                "lease_ttl",
+                format!("{:?} is not between 100ms and 24h", self.lease_ttl),
+            ));
         }
         if !(1..=100).contains(&self.max_attempts) {
             return Err(Error::config("max_attempts", format!("{} is not in 1..=100", self.max_attempts)));
@@ -171,11 +174,14 @@ mod tests {
 
     #[test]
     fn parses_and_rejects_unknown_keys() {
-        let c = CoordinatorConfig::from_toml("state_dir = \"/tmp/x\"\nlease_ttl = \"1500ms\"\nmax_attempts = 5\n")
-            .unwrap();
+        let c = CoordinatorConfig::from_toml(
+            "state_dir = \"/tmp/x\"\nlease_ttl = \"1500ms\"\nmax_attempts = 5\n",
+        )
+        .unwrap();
         assert_eq!(c.lease_ttl, Duration::from_millis(1500));
         assert_eq!(c.max_attempts, 5);
-        let e = CoordinatorConfig::from_toml("state_dir = \"/tmp/x\"\nlease_tll = 3\n").unwrap_err().to_string();
+        let e =
+            CoordinatorConfig::from_toml("state_dir = \"/tmp/x\"\nlease_tll = 3\n").unwrap_err().to_string();
         assert!(e.contains("lease_tll"), "{e}");
     }
 

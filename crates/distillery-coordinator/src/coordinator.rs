@@ -143,7 +143,10 @@ fn check_worker_id(id: &str) -> Result<()> {
         return Err(CoordError::invalid("worker_id", "must be 1..=128 characters"));
     }
     if let Some(c) = id.chars().find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | ':' | '-'))) {
-        return Err(CoordError::invalid("worker_id", format!("character {c:?} is not one of [A-Za-z0-9._:-]")));
+        return Err(CoordError::invalid(
+            "worker_id",
+            format!("character {c:?} is not one of [A-Za-z0-9._:-]"),
+        ));
     }
     Ok(())
 }
@@ -177,7 +180,9 @@ impl Coordinator {
                 }
                 // A commit recorded in the committed table but not on the shard cannot happen
                 // (same transaction); the converse is checked against the cache below.
-                if s.state == ShardState::Pending && loaded.committed.contains_key(&s.key) && !rec.state.is_terminal()
+                if s.state == ShardState::Pending
+                    && loaded.committed.contains_key(&s.key)
+                    && !rec.state.is_terminal()
                 {
                     s.state = ShardState::Committed;
                     s.commit_version = loaded.committed.get(&s.key).copied();
@@ -323,7 +328,9 @@ impl Coordinator {
         }
         let mut st = self.lock();
         // Another identical submission may have raced us while we planned.
-        if let Some(j) = st.jobs.values().find(|j| j.rec.job_fingerprint == fingerprint && !j.rec.state.is_terminal()) {
+        if let Some(j) =
+            st.jobs.values().find(|j| j.rec.job_fingerprint == fingerprint && !j.rec.state.is_terminal())
+        {
             return Ok((self.view(j, &st.leases), true));
         }
         let seq = st.next_seq;
@@ -363,7 +370,10 @@ impl Coordinator {
     /// One job.
     pub fn get_job(&self, job_id: &str) -> Result<JobView> {
         let st = self.lock();
-        let j = st.jobs.get(job_id).ok_or_else(|| CoordError::NotFound { what: "job", id: job_id.to_string() })?;
+        let j = st
+            .jobs
+            .get(job_id)
+            .ok_or_else(|| CoordError::NotFound { what: "job", id: job_id.to_string() })?;
         Ok(self.view(j, &st.leases))
     }
 
@@ -382,7 +392,10 @@ impl Coordinator {
     pub fn cancel_job(&self, job_id: &str, reason: &str) -> Result<JobView> {
         let mut st = self.lock();
         let st = &mut *st;
-        let j = st.jobs.get_mut(job_id).ok_or_else(|| CoordError::NotFound { what: "job", id: job_id.to_string() })?;
+        let j = st
+            .jobs
+            .get_mut(job_id)
+            .ok_or_else(|| CoordError::NotFound { what: "job", id: job_id.to_string() })?;
         if j.rec.state.is_terminal() {
             return Ok(self.view(j, &st.leases));
         }
@@ -396,7 +409,8 @@ impl Coordinator {
                 }
                 ShardState::Leased => {
                     let lease_id = j.active.get(&s.id).cloned();
-                    let committing = lease_id.as_ref().and_then(|l| st.leases.get(l)).is_some_and(|l| l.committing);
+                    let committing =
+                        lease_id.as_ref().and_then(|l| st.leases.get(l)).is_some_and(|l| l.committing);
                     if committing {
                         continue;
                     }
@@ -421,7 +435,11 @@ impl Coordinator {
         self.inner.store.put_shards(job_id, &shards)?;
         tracing::info!(job = %job_id, reason, "job cancelled");
         let view = self.view(j, &st.leases);
-        self.emit(JobEvent { kind: JobEventKind::StateChanged { previous }, job: view.clone(), detail: reason.into() });
+        self.emit(JobEvent {
+            kind: JobEventKind::StateChanged { previous },
+            job: view.clone(),
+            detail: reason.into(),
+        });
         self.refresh_gauges_locked(st);
         Ok(view)
     }
@@ -438,9 +456,15 @@ impl Coordinator {
     pub async fn reconcile_with_cache(&self, job_id: &str) -> Result<()> {
         let (spec, fp, pending) = {
             let st = self.lock();
-            let j = st.jobs.get(job_id).ok_or_else(|| CoordError::NotFound { what: "job", id: job_id.to_string() })?;
-            let pending: Vec<(u64, ShardRange, String)> =
-                j.pending.iter().map(|&i| (i, j.shards[i as usize].range, j.shards[i as usize].key.clone())).collect();
+            let j = st
+                .jobs
+                .get(job_id)
+                .ok_or_else(|| CoordError::NotFound { what: "job", id: job_id.to_string() })?;
+            let pending: Vec<(u64, ShardRange, String)> = j
+                .pending
+                .iter()
+                .map(|&i| (i, j.shards[i as usize].range, j.shards[i as usize].key.clone()))
+                .collect();
             (j.rec.spec.clone(), j.rec.teacher_fingerprint.clone(), pending)
         };
         if pending.is_empty() {
@@ -476,7 +500,11 @@ impl Coordinator {
             self.inner.store.put_shards(job_id, &shards)?;
             tracing::info!(job = %job_id, shards = changed.len(), "shards already in the cache");
             let view = self.view(j, &st.leases);
-            self.emit(JobEvent { kind: JobEventKind::Progress, job: view, detail: "shards found in cache".into() });
+            self.emit(JobEvent {
+                kind: JobEventKind::Progress,
+                job: view,
+                detail: "shards found in cache".into(),
+            });
             self.maybe_finish(st, job_id);
         }
         Ok(())
@@ -491,8 +519,12 @@ impl Coordinator {
         let now = self.now();
         let session = new_id();
         let mut st = self.lock();
-        let held: Vec<String> =
-            st.leases.iter().filter(|(_, l)| l.worker_id == info.worker_id && !l.committing).map(|(k, _)| k.clone()).collect();
+        let held: Vec<String> = st
+            .leases
+            .iter()
+            .filter(|(_, l)| l.worker_id == info.worker_id && !l.committing)
+            .map(|(k, _)| k.clone())
+            .collect();
         for lease_id in held {
             self.end_lease_with_failure(
                 &mut st,
@@ -503,7 +535,10 @@ impl Coordinator {
             )?;
         }
         tracing::info!(worker = %info.worker_id, teacher = %info.teacher_name, device = %info.device, "worker registered");
-        st.workers.insert(info.worker_id.clone(), WorkerEntry { info, session: session.clone(), last_seen_ms: now });
+        st.workers.insert(
+            info.worker_id.clone(),
+            WorkerEntry { info, session: session.clone(), last_seen_ms: now },
+        );
         let ttl = self.inner.opts.lease_ttl.as_millis() as u64;
         self.refresh_gauges_locked(&st);
         Ok(Registration {
@@ -605,7 +640,11 @@ impl Coordinator {
         self.inner.metrics.leases_granted.inc();
         tracing::debug!(job = %job_id, shard = shard_id, worker = %worker_id, lease = %lease_id, "lease granted");
         let view = self.view(&st.jobs[&job_id], &st.leases);
-        self.emit(JobEvent { kind: JobEventKind::Progress, job: view, detail: format!("shard {shard_id} leased") });
+        self.emit(JobEvent {
+            kind: JobEventKind::Progress,
+            job: view,
+            detail: format!("shard {shard_id} leased"),
+        });
         self.refresh_gauges_locked(st);
         if bound {
             // The teacher is known now: look for shards the cache already holds for it.
@@ -623,7 +662,12 @@ impl Coordinator {
     }
 
     /// Extends the worker's leases and records their progress; says per lease whether to go on.
-    pub fn heartbeat(&self, worker_id: &str, session: &str, leases: &[(String, u64)]) -> Result<Vec<LeaseStatus>> {
+    pub fn heartbeat(
+        &self,
+        worker_id: &str,
+        session: &str,
+        leases: &[(String, u64)],
+    ) -> Result<Vec<LeaseStatus>> {
         let now = self.now();
         let mut st = self.lock();
         Self::check_session(&mut st, worker_id, session)?.last_seen_ms = now;
@@ -689,7 +733,11 @@ impl Coordinator {
             let Some(l) = st.leases.get(lease_id) else {
                 let reason = match self.ended_reason(&st, lease_id) {
                     Some(Ended::Completed) => {
-                        self.inner.metrics.completions.get_or_create(&Metrics::label("already_committed")).inc();
+                        self.inner
+                            .metrics
+                            .completions
+                            .get_or_create(&Metrics::label("already_committed"))
+                            .inc();
                         return Ok(Completion::AlreadyCommitted);
                     }
                     Some(Ended::Expired) => "lease expired",
@@ -767,7 +815,11 @@ impl Coordinator {
         self.inner.metrics.completions.get_or_create(&Metrics::label(label)).inc();
         tracing::info!(job = %job_id, shard = shard_id, rows = rows_written, outcome = label, "shard completed");
         let view = self.view(j, &st.leases);
-        self.emit(JobEvent { kind: JobEventKind::Progress, job: view, detail: format!("shard {shard_id} committed") });
+        self.emit(JobEvent {
+            kind: JobEventKind::Progress,
+            job: view,
+            detail: format!("shard {shard_id} committed"),
+        });
         self.maybe_finish(st, &job_id);
         self.refresh_gauges_locked(st);
         Ok(match outcome {
@@ -783,7 +835,13 @@ impl Coordinator {
 
     /// Records a failed attempt: the shard goes back to pending, or is poisoned when `retryable`
     /// is false or it has failed `max_attempts` times.
-    pub fn fail_shard(&self, worker_id: &str, lease_id: &str, error: &str, retryable: bool) -> Result<FailureOutcome> {
+    pub fn fail_shard(
+        &self,
+        worker_id: &str,
+        lease_id: &str,
+        error: &str,
+        retryable: bool,
+    ) -> Result<FailureOutcome> {
         if lease_id.is_empty() {
             return Err(CoordError::invalid("lease_id", "is required"));
         }
@@ -957,7 +1015,11 @@ impl Coordinator {
             images_done,
             images_skipped,
             rows_written,
-            images_per_second: if j.rec.state.is_terminal() && recent == 0 { 0.0 } else { recent as f64 / secs },
+            images_per_second: if j.rec.state.is_terminal() && recent == 0 {
+                0.0
+            } else {
+                recent as f64 / secs
+            },
             created_at_ms: j.rec.created_at_ms,
             updated_at_ms: j.rec.updated_at_ms,
             error: j.rec.error.clone(),

@@ -49,6 +49,12 @@ macro_rules! store_from {
         }
     )*};
 }
-store_from!(redb::DatabaseError, redb::TransactionError, redb::TableError, redb::StorageError, redb::CommitError);
+store_from!(
+    redb::DatabaseError,
+    redb::TransactionError,
+    redb::TableError,
+    redb::StorageError,
+    redb::CommitError
+);
 
 pub type Result<T, E = CoordError> = std::result::Result<T, E>;

@@ -190,7 +190,9 @@ fn event_to_proto(e: &model::JobEvent) -> v1::JobEvent {
     let (kind, previous) = match e.kind {
         JobEventKind::Snapshot => (v1::JobEventKind::Snapshot, v1::JobState::Unspecified),
         JobEventKind::Progress => (v1::JobEventKind::Progress, v1::JobState::Unspecified),
-        JobEventKind::StateChanged { previous } => (v1::JobEventKind::StateChanged, job_state_to_proto(previous)),
+        JobEventKind::StateChanged { previous } => {
+            (v1::JobEventKind::StateChanged, job_state_to_proto(previous))
+        }
         JobEventKind::ShardPoisoned => (v1::JobEventKind::ShardPoisoned, v1::JobState::Unspecified),
     };
     v1::JobEvent {
@@ -245,7 +247,10 @@ impl CoordinatorService for CoordinatorGrpc {
         Ok(Response::new(job_to_proto(&self.core.get_job(&id)?)))
     }
 
-    async fn list_jobs(&self, req: Request<v1::ListJobsRequest>) -> Result<Response<v1::ListJobsResponse>, Status> {
+    async fn list_jobs(
+        &self,
+        req: Request<v1::ListJobsRequest>,
+    ) -> Result<Response<v1::ListJobsResponse>, Status> {
         let r = req.into_inner();
         let states = r
             .states
@@ -265,7 +270,10 @@ impl CoordinatorService for CoordinatorGrpc {
 
     type WatchJobStream = EventStream;
 
-    async fn watch_job(&self, req: Request<v1::WatchJobRequest>) -> Result<Response<Self::WatchJobStream>, Status> {
+    async fn watch_job(
+        &self,
+        req: Request<v1::WatchJobRequest>,
+    ) -> Result<Response<Self::WatchJobStream>, Status> {
         let id = req.into_inner().job_id;
         required("job_id", &id)?;
         let (snapshot, mut rx) = self.core.watch_job(&id)?;
@@ -281,7 +289,9 @@ impl CoordinatorService for CoordinatorGrpc {
                     Ok(_) => continue,
                     Err(RecvError::Lagged(_)) => match core.get_job(&id) {
                         // Missed events: a fresh snapshot says where the job is now.
-                        Ok(job) => model::JobEvent { kind: JobEventKind::Progress, job, detail: String::new() },
+                        Ok(job) => {
+                            model::JobEvent { kind: JobEventKind::Progress, job, detail: String::new() }
+                        }
                         Err(e) => {
                             let _ = tx.send(Err(e.into())).await;
                             return;
@@ -337,14 +347,18 @@ impl CoordinatorService for CoordinatorGrpc {
         Ok(Response::new(v1::LeaseShardResponse { outcome: Some(outcome) }))
     }
 
-    async fn heartbeat(&self, req: Request<v1::HeartbeatRequest>) -> Result<Response<v1::HeartbeatResponse>, Status> {
+    async fn heartbeat(
+        &self,
+        req: Request<v1::HeartbeatRequest>,
+    ) -> Result<Response<v1::HeartbeatResponse>, Status> {
         let r = req.into_inner();
         required("worker_id", &r.worker_id)?;
         required("session", &r.session)?;
         for (i, l) in r.leases.iter().enumerate() {
             required(&format!("leases[{i}].lease_id"), &l.lease_id)?;
         }
-        let leases: Vec<(String, u64)> = r.leases.iter().map(|l| (l.lease_id.clone(), l.images_done)).collect();
+        let leases: Vec<(String, u64)> =
+            r.leases.iter().map(|l| (l.lease_id.clone(), l.images_done)).collect();
         let statuses = self.core.heartbeat(&r.worker_id, &r.session, &leases)?;
         let leases = leases
             .into_iter()
@@ -369,7 +383,10 @@ impl CoordinatorService for CoordinatorGrpc {
         let r = req.into_inner();
         required("worker_id", &r.worker_id)?;
         required("lease_id", &r.lease_id)?;
-        let c = self.core.complete_shard(&r.worker_id, &r.lease_id, &r.staged_fragments, r.rows_written, r.skipped).await?;
+        let c = self
+            .core
+            .complete_shard(&r.worker_id, &r.lease_id, &r.staged_fragments, r.rows_written, r.skipped)
+            .await?;
         let resp = match c {
             model::Completion::Committed { version } => v1::CompleteShardResponse {
                 outcome: v1::CompletionOutcome::Committed as i32,
@@ -390,7 +407,10 @@ impl CoordinatorService for CoordinatorGrpc {
         Ok(Response::new(resp))
     }
 
-    async fn fail_shard(&self, req: Request<v1::FailShardRequest>) -> Result<Response<v1::FailShardResponse>, Status> {
+    async fn fail_shard(
+        &self,
+        req: Request<v1::FailShardRequest>,
+    ) -> Result<Response<v1::FailShardResponse>, Status> {
         let r = req.into_inner();
         required("worker_id", &r.worker_id)?;
         required("lease_id", &r.lease_id)?;

@@ -65,7 +65,10 @@ impl ShardPlanner for LanceBackend {
         let faces = Self::faces(spec).await?;
         let size = usize::try_from(spec.shard_size).unwrap_or(usize::MAX).max(1);
         let shards = faces.shards(size).await.map_err(io("plan shards"))?;
-        Ok(shards.into_iter().map(|s| ShardRange { fragment_id: s.fragment_id, offset: s.offset, len: s.len }).collect())
+        Ok(shards
+            .into_iter()
+            .map(|s| ShardRange { fragment_id: s.fragment_id, offset: s.offset, len: s.len })
+            .collect())
     }
 }
 
@@ -78,9 +81,15 @@ impl CacheCommitter for LanceBackend {
         c.committed_shards().await.map_err(io("read committed shards"))
     }
 
-    async fn commit(&self, spec: &JobSpec, shard_key: &str, staged: &[u8]) -> Result<CommitOutcome, BackendError> {
+    async fn commit(
+        &self,
+        spec: &JobSpec,
+        shard_key: &str,
+        staged: &[u8],
+    ) -> Result<CommitOutcome, BackendError> {
         let text = std::str::from_utf8(staged).map_err(|e| BackendError::InvalidStaged(e.to_string()))?;
-        let staged = StagedFragments::from_json(text).map_err(|e| BackendError::InvalidStaged(e.to_string()))?;
+        let staged =
+            StagedFragments::from_json(text).map_err(|e| BackendError::InvalidStaged(e.to_string()))?;
         if staged.shard_key != shard_key {
             return Err(BackendError::InvalidStaged(format!(
                 "staged for shard `{}`, completed as `{shard_key}`",
@@ -90,7 +99,9 @@ impl CacheCommitter for LanceBackend {
         let cache = self.cache(spec).await?;
         let mut c = cache.lock().await;
         match c.commit(shard_key, staged).await {
-            Ok(distillery_cache::CommitOutcome::Committed { version }) => Ok(CommitOutcome::Committed { version }),
+            Ok(distillery_cache::CommitOutcome::Committed { version }) => {
+                Ok(CommitOutcome::Committed { version })
+            }
             Ok(distillery_cache::CommitOutcome::AlreadyCommitted) => Ok(CommitOutcome::AlreadyCommitted),
             Err(distillery_cache::Error::Invalid { key, reason }) => {
                 Err(BackendError::InvalidStaged(format!("{key}: {reason}")))
@@ -129,7 +140,8 @@ impl CacheCommitter for LanceBackend {
             .map(|r| {
                 let Some(&s) = start.get(&r.fragment_id) else { return false };
                 (s + r.offset..s + r.offset + r.len).all(|row| {
-                    ids.get(row as usize).is_some_and(|id| (0..=spec.views).all(|v| existing.contains(&(id.clone(), v))))
+                    ids.get(row as usize)
+                        .is_some_and(|id| (0..=spec.views).all(|v| existing.contains(&(id.clone(), v))))
                 })
             })
             .collect())

@@ -23,4 +23,7 @@ pub use clock::{Clock, ManualClock, SystemClock};
 pub use config::{CoordinatorConfig, TlsPaths};
 pub use coordinator::{Coordinator, CoordinatorOptions};
 pub use error::CoordError;
-pub use server::{ADDR_FILE, Backends, BearerAuth, RunningCoordinator, ServeError, serve, shutdown_signal, spawn, spawn_with};
+pub use server::{
+    ADDR_FILE, Backends, BearerAuth, RunningCoordinator, ServeError, serve, shutdown_signal, spawn,
+    spawn_with,
+};

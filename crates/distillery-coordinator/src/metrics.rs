@@ -59,7 +59,11 @@ impl Metrics {
         registry.register("leases_expired", "Shard leases that lapsed", m.leases_expired.clone());
         registry.register("completions", "Shard completions by outcome", m.completions.clone());
         registry.register("failures", "Shard failure reports by result", m.failures.clone());
-        registry.register("images_per_second", "Faces labelled per second (1 min window)", m.images_per_second.clone());
+        registry.register(
+            "images_per_second",
+            "Faces labelled per second (1 min window)",
+            m.images_per_second.clone(),
+        );
         registry.register("images_labelled", "Faces labelled since start", m.images_labelled.clone());
         Self { registry, ..m }
     }
@@ -71,7 +75,8 @@ impl Metrics {
     /// The text exposition format.
     pub fn encode(&self) -> String {
         let mut out = String::new();
-        prometheus_client::encoding::text::encode(&mut out, &self.registry).expect("writing to a String cannot fail");
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("writing to a String cannot fail");
         out
     }
 }

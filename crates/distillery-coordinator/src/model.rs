@@ -146,7 +146,10 @@ impl ShardState {
 
     /// True once the shard will not change any more.
     pub fn is_final(self) -> bool {
-        matches!(self, ShardState::Committed | ShardState::Skipped | ShardState::Poisoned | ShardState::Cancelled)
+        matches!(
+            self,
+            ShardState::Committed | ShardState::Skipped | ShardState::Poisoned | ShardState::Cancelled
+        )
     }
 
     pub fn as_str(self) -> &'static str {

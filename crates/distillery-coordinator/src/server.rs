@@ -138,7 +138,10 @@ impl Drop for RunningCoordinator {
 }
 
 /// Serves until `shutdown` resolves (use [`shutdown_signal`] for SIGINT/SIGTERM), against Lance.
-pub async fn serve(cfg: CoordinatorConfig, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), ServeError> {
+pub async fn serve(
+    cfg: CoordinatorConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServeError> {
     let running = spawn(cfg).await?;
     tracing::info!(addr = %running.addr, "coordinator serving");
     shutdown.await;
@@ -171,7 +174,8 @@ pub async fn spawn_with(
     let listener = tokio::net::TcpListener::bind(cfg.listen)
         .await
         .map_err(|source| ServeError::Io { what: format!("bind {}", cfg.listen), source })?;
-    let addr = listener.local_addr().map_err(|source| ServeError::Io { what: "local address".into(), source })?;
+    let addr =
+        listener.local_addr().map_err(|source| ServeError::Io { what: "local address".into(), source })?;
     let core = Coordinator::open(opts, backends.planner, backends.cache, clock, metrics.clone()).await?;
     // Other processes (workers, tests) started with port 0 read the real address from here.
     let addr_file = cfg.state_dir.join(ADDR_FILE);
@@ -222,12 +226,16 @@ pub async fn spawn_with(
         .register_encoded_file_descriptor_set(distillery_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()
-        .map_err(|e| ServeError::Io { what: "reflection".into(), source: std::io::Error::other(e.to_string()) })?;
+        .map_err(|e| ServeError::Io {
+            what: "reflection".into(),
+            source: std::io::Error::other(e.to_string()),
+        })?;
 
     let mut builder = Server::builder();
     if let Some(tls) = &cfg.tls {
         let read = |p: &std::path::Path| {
-            std::fs::read(p).map_err(|source| ServeError::Io { what: format!("read {}", p.display()), source })
+            std::fs::read(p)
+                .map_err(|source| ServeError::Io { what: format!("read {}", p.display()), source })
         };
         let identity = Identity::from_pem(read(&tls.cert)?, read(&tls.key)?);
         builder = builder.tls_config(ServerTlsConfig::new().identity(identity))?;
@@ -256,7 +264,13 @@ pub async fn spawn_with(
     reporter.set_serving::<CoordinatorServiceServer<CoordinatorGrpc>>().await;
     reporter.set_service_status("", tonic_health::ServingStatus::Serving).await;
     tracing::info!(%addr, state_dir = %cfg.state_dir.display(), tls = cfg.tls.is_some(), auth = cfg.auth_token.is_some(), "coordinator ready");
-    Ok(RunningCoordinator { addr, metrics_addr, coordinator: core, shutdown: Some(shutdown_tx), task: Some(task) })
+    Ok(RunningCoordinator {
+        addr,
+        metrics_addr,
+        coordinator: core,
+        shutdown: Some(shutdown_tx),
+        task: Some(task),
+    })
 }
 
 /// Resolves on SIGINT (Ctrl-C) or SIGTERM.

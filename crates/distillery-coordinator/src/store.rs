@@ -44,7 +44,8 @@ impl Store {
         std::fs::create_dir_all(state_dir)
             .map_err(|e| CoordError::Store(format!("create state dir {}: {e}", state_dir.display())))?;
         let path = state_dir.join("coordinator.redb");
-        let db = Database::create(&path).map_err(|e| CoordError::Store(format!("open {}: {e}", path.display())))?;
+        let db = Database::create(&path)
+            .map_err(|e| CoordError::Store(format!("open {}: {e}", path.display())))?;
         let w = db.begin_write()?;
         {
             w.open_table(JOBS)?;
@@ -67,13 +68,14 @@ impl Store {
         let mut jobs = Vec::new();
         for row in jobs_t.iter()? {
             let (k, v) = row?;
-            let rec: JobRecord = serde_json::from_slice(v.value()).map_err(|e| json_err(&format!("job {}", k.value()), e))?;
+            let rec: JobRecord =
+                serde_json::from_slice(v.value()).map_err(|e| json_err(&format!("job {}", k.value()), e))?;
             let mut shards = Vec::new();
             for s in shards_t.range((rec.id.as_str(), 0u64)..=(rec.id.as_str(), u64::MAX))? {
                 let (k, v) = s?;
                 let (job, id) = k.value();
-                let shard: Shard =
-                    serde_json::from_slice(v.value()).map_err(|e| json_err(&format!("shard {job}/{id}"), e))?;
+                let shard: Shard = serde_json::from_slice(v.value())
+                    .map_err(|e| json_err(&format!("shard {job}/{id}"), e))?;
                 shards.push(shard);
             }
             shards.sort_by_key(|s| s.id);

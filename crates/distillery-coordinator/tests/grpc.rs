@@ -131,7 +131,8 @@ async fn worker_loop_completes_job_while_watch_streams_progress() {
     assert_eq!(job.shards.as_ref().unwrap().total, 5);
     assert_eq!(job.state, v1::JobState::Running as i32);
 
-    let mut stream = c.watch_job(v1::WatchJobRequest { job_id: job.job_id.clone() }).await.unwrap().into_inner();
+    let mut stream =
+        c.watch_job(v1::WatchJobRequest { job_id: job.job_id.clone() }).await.unwrap().into_inner();
     let worker = tokio::spawn(fake_worker(client(&running, Some(TOKEN)).await, "w1"));
 
     let mut events = Vec::new();
@@ -149,12 +150,14 @@ async fn worker_loop_completes_job_while_watch_streams_progress() {
     assert_eq!(j.rows_written, 24);
     assert_eq!(j.teacher_fingerprint, "a".repeat(32));
     // Committed counts only grow along the stream.
-    let committed: Vec<u64> = events.iter().map(|e| e.job.as_ref().unwrap().shards.unwrap().committed).collect();
+    let committed: Vec<u64> =
+        events.iter().map(|e| e.job.as_ref().unwrap().shards.unwrap().committed).collect();
     assert!(committed.windows(2).all(|w| w[0] <= w[1]), "{committed:?}");
     assert!(events.len() >= 6, "expected progress events, got {}", events.len());
     assert_eq!(backend.commit_count(CACHE), 5);
 
-    let listed = c.list_jobs(v1::ListJobsRequest { states: vec![v1::JobState::Completed as i32], limit: 0 }).await;
+    let listed =
+        c.list_jobs(v1::ListJobsRequest { states: vec![v1::JobState::Completed as i32], limit: 0 }).await;
     assert_eq!(listed.unwrap().into_inner().jobs.len(), 1);
 
     // Metrics reflect the work.
@@ -171,7 +174,8 @@ async fn calls_without_the_token_are_unauthenticated() {
     let mut anon = client(&running, None).await;
     let e = anon.list_jobs(v1::ListJobsRequest::default()).await.unwrap_err();
     assert_eq!(e.code(), Code::Unauthenticated);
-    let mut wrong = CoordinatorServiceClient::with_interceptor(channel(&running).await, AddToken(Some("nope")));
+    let mut wrong =
+        CoordinatorServiceClient::with_interceptor(channel(&running).await, AddToken(Some("nope")));
     let e = wrong.list_jobs(v1::ListJobsRequest::default()).await.unwrap_err();
     assert_eq!(e.code(), Code::Unauthenticated);
     let mut health = tonic_health::pb::health_client::HealthClient::new(channel(&running).await);
@@ -258,7 +262,11 @@ async fn health_reports_serving() {
             .await
             .unwrap()
             .into_inner();
-        assert_eq!(r.status, tonic_health::pb::health_check_response::ServingStatus::Serving as i32, "{service:?}");
+        assert_eq!(
+            r.status,
+            tonic_health::pb::health_check_response::ServingStatus::Serving as i32,
+            "{service:?}"
+        );
     }
     running.shutdown().await.unwrap();
 }

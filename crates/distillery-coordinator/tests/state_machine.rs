@@ -36,7 +36,11 @@ async fn lease_complete_and_finish_job() {
     for _ in 0..5 {
         let l = granted(f.core.lease_shard("w1", &reg.session).unwrap());
         assert!(l.shard_key.starts_with(&format!("{}/", job.job_fingerprint)), "{}", l.shard_key);
-        let c = f.core.complete_shard("w1", &l.lease_id, &staged(&l.shard_key), 2 * l.range.len, 0).await.unwrap();
+        let c = f
+            .core
+            .complete_shard("w1", &l.lease_id, &staged(&l.shard_key), 2 * l.range.len, 0)
+            .await
+            .unwrap();
         assert!(matches!(c, Completion::Committed { .. }), "{c:?}");
         seen.push((l.range.fragment_id, l.range.offset, l.range.len));
     }
@@ -186,7 +190,11 @@ async fn cached_shards_are_skipped_and_committed_keys_recognised() {
     let s = spec(4);
     // Fragment 1 (rows 0..3) is fully cached for this teacher; shard (0,0,4) was committed by an
     // earlier run of the same job.
-    b.mark_cached(CACHE, &fp('a'), distillery_coordinator::model::ShardRange { fragment_id: 1, offset: 0, len: 3 });
+    b.mark_cached(
+        CACHE,
+        &fp('a'),
+        distillery_coordinator::model::ShardRange { fragment_id: 1, offset: 0, len: 3 },
+    );
     let key0 = distillery_coordinator::model::shard_key(
         &s.fingerprint(),
         &distillery_coordinator::model::ShardRange { fragment_id: 0, offset: 0, len: 4 },
@@ -194,7 +202,10 @@ async fn cached_shards_are_skipped_and_committed_keys_recognised() {
     b.insert_commit(CACHE, &key0);
     let f = open(dir.path(), b, Arc::new(ManualClock::new(0)), 3).await;
     let (job, _) = f.core.submit_job(s).await.unwrap();
-    assert_eq!((job.shards.total, job.shards.skipped, job.shards.committed, job.shards.pending), (3, 1, 1, 1));
+    assert_eq!(
+        (job.shards.total, job.shards.skipped, job.shards.committed, job.shards.pending),
+        (3, 1, 1, 1)
+    );
     let r = f.core.register_worker(worker("w1")).unwrap();
     let l = granted(f.core.lease_shard("w1", &r.session).unwrap());
     assert_eq!((l.range.fragment_id, l.range.offset, l.range.len), (0, 4, 1));

@@ -122,7 +122,8 @@ async fn connect(endpoint: &str, token: Option<&str>) -> Result<Client> {
         ),
         None => None,
     };
-    Ok(CoordinatorServiceClient::with_interceptor(channel, Bearer(bearer)).max_decoding_message_size(64 << 20))
+    Ok(CoordinatorServiceClient::with_interceptor(channel, Bearer(bearer))
+        .max_decoding_message_size(64 << 20))
 }
 
 /// Submits `req` to the coordinator at `endpoint` and follows the job through `WatchJob` until it

@@ -53,9 +53,23 @@ struct Plan {
 impl Plan {
     fn of(quick: bool) -> Self {
         if quick {
-            Plan { faces: 1600, side: 48, teacher_steps: 300, student_steps: 120, labelled_fraction: 0.1, views: 0 }
+            Plan {
+                faces: 640,
+                side: 48,
+                teacher_steps: 40,
+                student_steps: 20,
+                labelled_fraction: 0.1,
+                views: 0,
+            }
         } else {
-            Plan { faces: 6000, side: 64, teacher_steps: 1500, student_steps: 500, labelled_fraction: 0.1, views: 2 }
+            Plan {
+                faces: 6000,
+                side: 64,
+                teacher_steps: 1500,
+                student_steps: 500,
+                labelled_fraction: 0.1,
+                views: 2,
+            }
         }
     }
 }
@@ -195,7 +209,8 @@ pub async fn quickstart(opts: &QuickstartOptions, mut stage: impl FnMut(&str)) -
     ] {
         let p = StudentPredictor::load(run_dir, &Device::Cpu)?;
         let opts_eval = EvalOptions { split: "test".into(), ..Default::default() };
-        let (report, samples) = evaluate(&p, &store, Some((&cache, &fp)), Split::Test, 128, &opts_eval).await?;
+        let (report, samples) =
+            evaluate(&p, &store, Some((&cache, &fp)), Split::Test, 128, &opts_eval).await?;
         let cost = zoo::student_cost(&p.spec.name(), p.spec.num_classes)
             .map_err(|e| step("model cost", e.to_string()))?;
         let ips = throughput(&p).map_err(|e| step("throughput", e.to_string()))?;
@@ -300,7 +315,11 @@ fn write_report(
     std::fs::create_dir_all(&plots).map_err(|e| step("plots", e.to_string()))?;
     for (name, report, samples) in evals {
         let cm = plots.join(format!("confusion-{name}.png"));
-        distillery_trainer::plots::confusion_heatmap(&report.expression.confusion, &report.expression.classes, &cm)?;
+        distillery_trainer::plots::confusion_heatmap(
+            &report.expression.confusion,
+            &report.expression.classes,
+            &cm,
+        )?;
         if !samples.valence.is_empty() {
             let va = plots.join(format!("valence-arousal-{name}.png"));
             distillery_trainer::plots::va_scatter(&samples.valence, &samples.arousal, &va)?;

@@ -11,8 +11,8 @@ pub mod nn;
 pub mod onnx;
 pub mod student;
 pub mod students;
-pub mod zoo;
 pub mod teacher;
+pub mod zoo;
 
 pub use cost::ModelCost;
 pub use teacher::{Teacher, TeacherInfo, TeacherOutput};

@@ -109,7 +109,12 @@ impl v1::ViewSpec {
         let crop = match self.crop.len() {
             0 => [0.0, 0.0, 1.0, 1.0],
             4 => [self.crop[0], self.crop[1], self.crop[2], self.crop[3]],
-            n => return Err(ConvertError::new(format!("{field}.crop"), format!("has {n} values, expected 0 or 4"))),
+            n => {
+                return Err(ConvertError::new(
+                    format!("{field}.crop"),
+                    format!("has {n} values, expected 0 or 4"),
+                ));
+            }
         };
         if crop.iter().any(|c| !c.is_finite()) || crop[2] <= 0.0 || crop[3] <= 0.0 {
             return Err(ConvertError::new(
@@ -136,7 +141,10 @@ impl v1::EncodedImage {
                 }
                 Ok(Some(b))
             }
-            n => Err(ConvertError::new(format!("{field}.box_xywh"), format!("has {n} values, expected 0 or 4"))),
+            n => Err(ConvertError::new(
+                format!("{field}.box_xywh"),
+                format!("has {n} values, expected 0 or 4"),
+            )),
         }
     }
 }
@@ -145,7 +153,12 @@ impl v1::Tensor {
     /// Packs `values` (row-major) as little-endian f32. Panics if `values.len()` is not the product
     /// of `shape`, which is a programming error on the sending side.
     pub fn from_f32(shape: &[usize], values: &[f32]) -> Self {
-        assert_eq!(shape.iter().product::<usize>(), values.len(), "tensor shape {shape:?} vs {} values", values.len());
+        assert_eq!(
+            shape.iter().product::<usize>(),
+            values.len(),
+            "tensor shape {shape:?} vs {} values",
+            values.len()
+        );
         let mut data = Vec::with_capacity(values.len() * 4);
         for v in values {
             data.extend_from_slice(&v.to_le_bytes());
@@ -167,7 +180,8 @@ impl v1::Tensor {
                 format!("has {} bytes, shape {shape:?} needs {}", self.data.len(), n.saturating_mul(4)),
             ));
         }
-        let values = self.data.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+        let values =
+            self.data.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
         Ok((shape, values))
     }
 }
@@ -230,7 +244,12 @@ mod tests {
 
     #[test]
     fn teacher_kind_names_round_trip() {
-        for k in [v1::TeacherKind::Emonet8, v1::TeacherKind::Emonet5, v1::TeacherKind::Onnx, v1::TeacherKind::Student] {
+        for k in [
+            v1::TeacherKind::Emonet8,
+            v1::TeacherKind::Emonet5,
+            v1::TeacherKind::Onnx,
+            v1::TeacherKind::Student,
+        ] {
             assert_eq!(v1::TeacherKind::from_cli_name(k.cli_name()), Some(k));
         }
         assert_eq!(v1::TeacherKind::from_cli_name("resnet"), None);

@@ -141,12 +141,14 @@ fn student_classes(dir: &Path) -> std::result::Result<ClassSet, String> {
     let names = dir.join("classes.json");
     if names.is_file() {
         let text = std::fs::read_to_string(&names).map_err(|e| format!("{}: {e}", names.display()))?;
-        let list: Vec<String> = serde_json::from_str(&text).map_err(|e| format!("{}: {e}", names.display()))?;
+        let list: Vec<String> =
+            serde_json::from_str(&text).map_err(|e| format!("{}: {e}", names.display()))?;
         return Ok(ClassSet::new(list));
     }
     let spec_path = dir.join("student.json");
     let text = std::fs::read_to_string(&spec_path).map_err(|e| format!("{}: {e}", spec_path.display()))?;
-    let spec: StudentSpec = serde_json::from_str(&text).map_err(|e| format!("{}: {e}", spec_path.display()))?;
+    let spec: StudentSpec =
+        serde_json::from_str(&text).map_err(|e| format!("{}: {e}", spec_path.display()))?;
     Ok(match spec.num_classes {
         8 => ClassSet::emonet8(),
         5 => ClassSet::emonet5(),

@@ -87,7 +87,11 @@ mod tests {
     fn views_crop_flip_and_normalise() {
         // Left half red, right half blue.
         let bytes = png(8, 8, |x, _| if x < 4 { [255, 0, 0] } else { [0, 0, 255] });
-        let pp = Preprocess { size: [2, 2], filter: distillery_core::ResizeFilter::Nearest, ..Preprocess::unit_rgb(2) };
+        let pp = Preprocess {
+            size: [2, 2],
+            filter: distillery_core::ResizeFilter::Nearest,
+            ..Preprocess::unit_rgb(2)
+        };
         let plain = View::plain();
         let flipped = View { index: 1, crop: [0.0, 0.0, 1.0, 1.0], flip: true };
         let left = View { index: 2, crop: [0.0, 0.0, 0.5, 1.0], flip: false };

@@ -43,7 +43,8 @@ pub fn save(run_dir: &Path, vars: &[(String, Var)], opt: &AdamW, state: &TrainSt
         std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
     }
     std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
-    let weights: HashMap<String, Tensor> = vars.iter().map(|(n, v)| (n.clone(), v.as_tensor().clone())).collect();
+    let weights: HashMap<String, Tensor> =
+        vars.iter().map(|(n, v)| (n.clone(), v.as_tensor().clone())).collect();
     let wpath = tmp.join("weights.safetensors");
     candle_core::safetensors::save(&weights, &wpath)
         .map_err(|e| Error::Tensor { op: format!("save {}", wpath.display()), source: e })?;
@@ -75,13 +76,14 @@ pub fn load(run_dir: &Path, vars: &[(String, Var)], opt: &mut AdamW) -> Result<O
     let Some(cdir) = latest(run_dir) else { return Ok(None) };
     let spath = cdir.join("state.json");
     let text = std::fs::read_to_string(&spath).map_err(|e| Error::io(&spath, e))?;
-    let state: TrainState =
-        serde_json::from_str(&text).map_err(|e| Error::format(&spath, format!("bad checkpoint state: {e}")))?;
+    let state: TrainState = serde_json::from_str(&text)
+        .map_err(|e| Error::format(&spath, format!("bad checkpoint state: {e}")))?;
     let wpath = cdir.join("weights.safetensors");
     let weights = candle_core::safetensors::load(&wpath, &Device::Cpu)
         .map_err(|e| Error::format(&wpath, format!("cannot read weights: {e}")))?;
     for (name, var) in vars {
-        let w = weights.get(name).ok_or_else(|| Error::format(&wpath, format!("missing variable `{name}`")))?;
+        let w =
+            weights.get(name).ok_or_else(|| Error::format(&wpath, format!("missing variable `{name}`")))?;
         if w.dims() != var.dims() {
             return Err(Error::format(
                 &wpath,

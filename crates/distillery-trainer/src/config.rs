@@ -225,7 +225,8 @@ impl TrainConfig {
 
     /// Parses TOML text, applies `key.path=value` overrides in order, and validates.
     pub fn from_toml_with_overrides(text: &str, overrides: &[String]) -> Result<Self> {
-        let mut table: toml::Table = toml::from_str(text).map_err(|e| Error::config(toml_key(&e), e.message().to_string()))?;
+        let mut table: toml::Table =
+            toml::from_str(text).map_err(|e| Error::config(toml_key(&e), e.message().to_string()))?;
         for o in overrides {
             apply_override(&mut table, o)?;
         }
@@ -279,7 +280,10 @@ impl TrainConfig {
             return Err(Error::config("data.shuffle_buffer", "must be at least 1"));
         }
         if !(d.labelled_fraction > 0.0 && d.labelled_fraction <= 1.0) {
-            return Err(Error::config("data.labelled_fraction", format!("{} is not in (0, 1]", d.labelled_fraction)));
+            return Err(Error::config(
+                "data.labelled_fraction",
+                format!("{} is not in (0, 1]", d.labelled_fraction),
+            ));
         }
         self.teacher_fingerprint()?;
         for (key, v) in [("data.faces", &d.faces), ("data.cache", &d.cache)] {
@@ -407,13 +411,18 @@ pub fn apply_override(table: &mut toml::Table, assignment: &str) -> Result<()> {
         (toml::Value::String(_), _) => toml::Value::String(raw.to_string()),
         (toml::Value::Float(_), Some(toml::Value::Integer(i))) => toml::Value::Float(i as f64),
         (toml::Value::Array(_), Some(toml::Value::Array(a))) => toml::Value::Array(
-            a.into_iter().map(|x| if let toml::Value::Integer(i) = x { toml::Value::Float(i as f64) } else { x }).collect(),
+            a.into_iter()
+                .map(|x| if let toml::Value::Integer(i) = x { toml::Value::Float(i as f64) } else { x })
+                .collect(),
         ),
         (_, Some(v)) => v,
         (_, None) => return Err(Error::config(key, format!("`{raw}` is not a valid value"))),
     };
     if std::mem::discriminant(&value) != std::mem::discriminant(example) {
-        return Err(Error::config(key, format!("`{raw}` has the wrong type (expected {})", example.type_str())));
+        return Err(Error::config(
+            key,
+            format!("`{raw}` has the wrong type (expected {})", example.type_str()),
+        ));
     }
     let parts: Vec<&str> = key.split('.').collect();
     let mut t = table;
@@ -493,11 +502,13 @@ mod tests {
         assert!(e.contains("optim.lrr") && e.contains("optim.lr"), "{e}");
         let e = TrainConfig::from_toml_with_overrides("", &set(&["optim.lr"])).unwrap_err().to_string();
         assert!(e.contains("key.path=value"), "{e}");
-        let e = TrainConfig::from_toml_with_overrides("", &set(&["optim.epochs=many"])).unwrap_err().to_string();
+        let e =
+            TrainConfig::from_toml_with_overrides("", &set(&["optim.epochs=many"])).unwrap_err().to_string();
         assert!(e.contains("optim.epochs"), "{e}");
         let e = TrainConfig::from_toml_with_overrides("", &set(&["loss.alpha=2"])).unwrap_err().to_string();
         assert!(e.contains("loss.alpha"), "{e}");
-        let e = TrainConfig::from_toml_with_overrides("", &set(&["loss.feature=l7"])).unwrap_err().to_string();
+        let e =
+            TrainConfig::from_toml_with_overrides("", &set(&["loss.feature=l7"])).unwrap_err().to_string();
         assert!(e.contains("l7"), "{e}");
     }
 

@@ -213,7 +213,8 @@ pub fn evaluate_batches(
         let va = match (&pred.va, opts.flip) {
             (Some(v), true) => {
                 let flipped = model.predict(&hflip(&batch.images)?).op("model forward (mirrored)")?;
-                let fv = flipped.va.ok_or_else(|| Error::Data("mirrored forward lost valence/arousal".into()))?;
+                let fv =
+                    flipped.va.ok_or_else(|| Error::Data("mirrored forward lost valence/arousal".into()))?;
                 Some(((v + fv)? * 0.5)?)
             }
             (Some(v), false) => Some(v.clone()),
@@ -245,7 +246,8 @@ pub fn evaluate_batches(
         }
     }
     let cm = metrics::confusion_matrix(&s.truth_class, &s.pred_class, c);
-    let classes = if opts.classes.len() == c { opts.classes.clone() } else { (0..c).map(|i| i.to_string()).collect() };
+    let classes =
+        if opts.classes.len() == c { opts.classes.clone() } else { (0..c).map(|i| i.to_string()).collect() };
     let expression = ExpressionReport {
         n: s.truth_class.len(),
         accuracy: metrics::accuracy(&cm),
@@ -259,14 +261,20 @@ pub fn evaluate_batches(
         let (ap, at): (Vec<f64>, Vec<f64>) = s.arousal.iter().copied().unzip();
         let v = RegressionMetrics::compute(&vp, &vt);
         let a = RegressionMetrics::compute(&ap, &at);
-        AffectReport { mean_ccc: (v.ccc + a.ccc) / 2.0, valence: v.into(), arousal: a.into(), flip_averaged: opts.flip }
+        AffectReport {
+            mean_ccc: (v.ccc + a.ccc) / 2.0,
+            valence: v.into(),
+            arousal: a.into(),
+            flip_averaged: opts.flip,
+        }
     });
     let teacher = (n_teacher > 0).then(|| TeacherAgreement {
         n: n_teacher,
         top1_agreement: agree as f64 / n_teacher as f64,
         mean_kl: kl_sum / n_teacher as f64,
     });
-    let report = EvalReport { model: model.name(), split: opts.split.clone(), n, expression, affect, teacher };
+    let report =
+        EvalReport { model: model.name(), split: opts.split.clone(), n, expression, affect, teacher };
     Ok((report, s))
 }
 
@@ -309,7 +317,9 @@ mod tests {
             label_mask: Tensor::new(&[1f32, 1., 1., 0.], &dev).unwrap(),
             va: Tensor::new(&[[1f32, 0.], [0., 1.], [0.2, 0.2], [-0.5, 0.5]], &dev).unwrap(),
             va_mask: Tensor::new(&[1f32, 1., 0., 1.], &dev).unwrap(),
-            teacher_logits: Some(Tensor::new(&[[1f32, 0., 0.], [0., 1., 0.], [0., 1., 0.], [0., 0., 1.]], &dev).unwrap()),
+            teacher_logits: Some(
+                Tensor::new(&[[1f32, 0., 0.], [0., 1., 0.], [0., 1., 0.], [0., 0., 1.]], &dev).unwrap(),
+            ),
             teacher_va: None,
             teacher_embedding: None,
         }

@@ -48,7 +48,13 @@ pub struct Terms {
 
 /// Computes every term for `out` on `batch`. `label_mask`/`va_mask` replace the batch's masks (the
 /// loop may hide labels of part of the training set).
-pub fn terms(out: &ModelOutput, batch: &Batch, label_mask: &Tensor, va_mask: &Tensor, cfg: &LossConfig) -> Result<Terms> {
+pub fn terms(
+    out: &ModelOutput,
+    batch: &Batch,
+    label_mask: &Tensor,
+    va_mask: &Tensor,
+    cfg: &LossConfig,
+) -> Result<Terms> {
     let dtype = out.logits.dtype();
     let zero = Tensor::zeros((), dtype, out.logits.device())?;
     let alpha = cfg.alpha;
@@ -56,14 +62,17 @@ pub fn terms(out: &ModelOutput, batch: &Batch, label_mask: &Tensor, va_mask: &Te
     let label_mask = label_mask.to_dtype(dtype)?;
     let va_mask = va_mask.to_dtype(dtype)?;
 
-    let kd = kd_loss(&out.logits, batch.teacher_logits.as_ref(), &labels, &label_mask, alpha, cfg.temperature)
-        .op("kd loss")?;
+    let kd =
+        kd_loss(&out.logits, batch.teacher_logits.as_ref(), &labels, &label_mask, alpha, cfg.temperature)
+            .op("kd loss")?;
     let reg = bounded_regression(&out.va, batch.teacher_va.as_ref(), &batch.va, &va_mask, cfg.margin, cfg.nu)
         .op("bounded regression")?;
     let pseudo_va = match (&batch.teacher_va, alpha > 0.0) {
         (Some(tva), true) => {
             let unlabelled = (1.0 - &va_mask)?;
-            bounded_regression(&out.va, None, tva, &unlabelled, 0.0, 0.0).op("pseudo valence/arousal")?.smooth_l1
+            bounded_regression(&out.va, None, tva, &unlabelled, 0.0, 0.0)
+                .op("pseudo valence/arousal")?
+                .smooth_l1
         }
         _ => zero.clone(),
     };
@@ -104,7 +113,9 @@ mod tests {
             label_mask: Tensor::new(&[1f32, 1., 0.], dev).unwrap(),
             va: Tensor::new(&[[0.5f32, -0.2], [0.0, 0.3], [-0.7, 0.9]], dev).unwrap(),
             va_mask: Tensor::new(&[1f32, 0., 1.], dev).unwrap(),
-            teacher_logits: Some(Tensor::new(&[[1f32, 0., -1.], [0.2, 0.1, 0.9], [0., 2., 0.]], dev).unwrap()),
+            teacher_logits: Some(
+                Tensor::new(&[[1f32, 0., -1.], [0.2, 0.1, 0.9], [0., 2., 0.]], dev).unwrap(),
+            ),
             teacher_va: Some(Tensor::new(&[[0.4f32, -0.1], [0.1, 0.2], [0.9, 0.9]], dev).unwrap()),
             teacher_embedding: Some(Tensor::new(&[[1f32, 0.], [0., 1.], [1., 1.]], dev).unwrap()),
         }
@@ -243,7 +254,11 @@ mod tests {
                     let fp = eval(&plus[0], &plus[1], &plus[2]).0;
                     let fm = eval(&minus[0], &minus[1], &minus[2]).0;
                     let num = (fp - fm) / (2.0 * h);
-                    assert!((num - g[i]).abs() < 1e-5, "{kind:?} input {which}[{i}]: numeric {num} vs analytic {}", g[i]);
+                    assert!(
+                        (num - g[i]).abs() < 1e-5,
+                        "{kind:?} input {which}[{i}]: numeric {num} vs analytic {}",
+                        g[i]
+                    );
                 }
             }
         }

@@ -91,7 +91,9 @@ impl AdamW {
             let update = (m_hat / (v_hat.sqrt()? + eps)?)?;
             let decay = if p.decay { 1.0 - lr * weight_decay } else { 1.0 };
             let next = ((p.var.as_tensor() * decay)? - (update * lr)?)?;
-            p.var.set(&next).map_err(|e| Error::Tensor { op: format!("adamw: update {}", p.name), source: e })?;
+            p.var
+                .set(&next)
+                .map_err(|e| Error::Tensor { op: format!("adamw: update {}", p.name), source: e })?;
             p.m = m;
             p.v = v;
         }
@@ -113,7 +115,10 @@ impl AdamW {
     pub fn load_state(&mut self, state: &HashMap<String, Tensor>, origin: &Path) -> Result<()> {
         for p in &mut self.params {
             let get = |k: String| {
-                state.get(&k).cloned().ok_or_else(|| Error::format(origin, format!("missing optimiser tensor `{k}`")))
+                state
+                    .get(&k)
+                    .cloned()
+                    .ok_or_else(|| Error::format(origin, format!("missing optimiser tensor `{k}`")))
             };
             let m = get(format!("m.{}", p.name))?;
             let v = get(format!("v.{}", p.name))?;
@@ -122,22 +127,30 @@ impl AdamW {
                 if x.dims() != p.var.dims() {
                     return Err(Error::format(
                         origin,
-                        format!("optimiser tensor `{k}.{}` has shape {:?}, parameter has {:?}", p.name, x.dims(), p.var.dims()),
+                        format!(
+                            "optimiser tensor `{k}.{}` has shape {:?}, parameter has {:?}",
+                            p.name,
+                            x.dims(),
+                            p.var.dims()
+                        ),
                     ));
                 }
             }
             let dev = p.var.device();
             p.m = m.to_dtype(p.var.dtype())?.to_device(dev)?;
             p.v = v.to_dtype(p.var.dtype())?.to_device(dev)?;
-            p.t = t.to_dtype(DType::I64)?.flatten_all()?.to_vec1::<i64>()?.first().copied().unwrap_or(0) as u64;
+            p.t =
+                t.to_dtype(DType::I64)?.flatten_all()?.to_vec1::<i64>()?.first().copied().unwrap_or(0) as u64;
         }
         Ok(())
     }
 
     /// Writes the state to a safetensors file.
     pub fn save(&self, path: &Path) -> Result<()> {
-        candle_core::safetensors::save(&self.state()?, path)
-            .map_err(|e| Error::Tensor { op: format!("save optimiser state to {}", path.display()), source: e })
+        candle_core::safetensors::save(&self.state()?, path).map_err(|e| Error::Tensor {
+            op: format!("save optimiser state to {}", path.display()),
+            source: e,
+        })
     }
 
     /// Reads a state saved by [`AdamW::save`].
@@ -294,8 +307,9 @@ mod tests {
         let a = Var::from_tensor(&Tensor::new(&[3.0f32], &dev).unwrap()).unwrap();
         let b = Var::from_tensor(&Tensor::new(&[4.0f32], &dev).unwrap()).unwrap();
         // loss = a²/2 + b²/2 → grads (3, 4), norm 5
-        let loss = ((a.as_tensor().sqr().unwrap() + b.as_tensor().sqr().unwrap()).unwrap().sum_all().unwrap() * 0.5)
-            .unwrap();
+        let loss =
+            ((a.as_tensor().sqr().unwrap() + b.as_tensor().sqr().unwrap()).unwrap().sum_all().unwrap() * 0.5)
+                .unwrap();
         let mut g = loss.backward().unwrap();
         let vars = [a.clone(), b.clone()];
         let n = clip_grad_norm(&mut g, &vars, 1.0).unwrap();

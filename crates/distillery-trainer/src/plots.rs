@@ -47,7 +47,8 @@ fn find_ttf(dir: &Path, depth: usize) -> Option<PathBuf> {
 pub fn fonts_available() -> bool {
     static OK: OnceLock<bool> = OnceLock::new();
     *OK.get_or_init(|| {
-        let mut paths: Vec<PathBuf> = std::env::var_os("DISTILLERY_FONT").map(PathBuf::from).into_iter().collect();
+        let mut paths: Vec<PathBuf> =
+            std::env::var_os("DISTILLERY_FONT").map(PathBuf::from).into_iter().collect();
         paths.extend(CANDIDATES.iter().map(PathBuf::from));
         paths.extend(find_ttf(Path::new("/usr/share/fonts"), 4));
         for p in paths {
@@ -121,10 +122,14 @@ pub fn training_curves(lines: &[MetricsLine], path: &Path) -> Result<()> {
             continue;
         }
         let s = chart
-            .draw_series(LineSeries::new(pts.iter().map(|l| (l.step as f64, value(l, name))), color.stroke_width(2)))
+            .draw_series(LineSeries::new(
+                pts.iter().map(|l| (l.step as f64, value(l, name))),
+                color.stroke_width(2),
+            ))
             .map_err(|e| draw_err(path, e))?;
         if text {
-            s.label(name).legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2)));
+            s.label(name)
+                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2)));
         }
     }
     if text {
@@ -185,7 +190,10 @@ pub fn confusion_heatmap(cm: &[Vec<u64>], classes: &[String], path: &Path) -> Re
             let shade = (255.0 * (1.0 - frac)) as u8;
             let color = RGBColor(shade, shade, 255);
             let p = p as i32;
-            let cell = [(SegmentValue::Exact(p), SegmentValue::Exact(y)), (SegmentValue::Exact(p + 1), SegmentValue::Exact(y + 1))];
+            let cell = [
+                (SegmentValue::Exact(p), SegmentValue::Exact(y)),
+                (SegmentValue::Exact(p + 1), SegmentValue::Exact(y + 1)),
+            ];
             chart
                 .draw_series(std::iter::once(Rectangle::new(cell, color.filled())))
                 .map_err(|e| draw_err(path, e))?;
@@ -231,9 +239,9 @@ pub fn va_scatter(valence: &[(f64, f64)], arousal: &[(f64, f64)], path: &Path) -
             .draw_series(LineSeries::new([(-1.1, -1.1), (1.1, 1.1)], RGBColor(150, 150, 150).stroke_width(1)))
             .map_err(|e| draw_err(path, e))?;
         chart
-            .draw_series(
-                pts.iter().map(|(p, t)| Circle::new((*t, p.clamp(-1.1, 1.1)), 3, RGBColor(31, 119, 180).mix(0.6).filled())),
-            )
+            .draw_series(pts.iter().map(|(p, t)| {
+                Circle::new((*t, p.clamp(-1.1, 1.1)), 3, RGBColor(31, 119, 180).mix(0.6).filled())
+            }))
             .map_err(|e| draw_err(path, e))?;
     }
     root.present().map_err(|e| draw_err(path, e))
@@ -277,7 +285,8 @@ mod tests {
         let p = dir.path().join("cm.png");
         confusion_heatmap(&cm, &["neutral".into(), "happy".into(), "sad".into()], &p).unwrap();
         assert_eq!(png_size(&p), (720, 680));
-        let v: Vec<(f64, f64)> = (0..50).map(|i| ((i as f64 / 25.0 - 1.0) * 0.8, i as f64 / 25.0 - 1.0)).collect();
+        let v: Vec<(f64, f64)> =
+            (0..50).map(|i| ((i as f64 / 25.0 - 1.0) * 0.8, i as f64 / 25.0 - 1.0)).collect();
         let p = dir.path().join("va.png");
         va_scatter(&v, &v, &p).unwrap();
         assert_eq!(png_size(&p), (1000, 500));

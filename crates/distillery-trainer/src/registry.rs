@@ -128,23 +128,24 @@ impl Registry {
     pub async fn history(&self) -> Result<Vec<RunRecord>> {
         let Some(ds) = self.open().await? else { return Ok(vec![]) };
         let stream = ds.scan().try_into_stream().await.map_err(|e| lance_err("scan", &self.uri, e))?;
-        let batches: Vec<RecordBatch> = stream.try_collect().await.map_err(|e| lance_err("scan", &self.uri, e))?;
+        let batches: Vec<RecordBatch> =
+            stream.try_collect().await.map_err(|e| lance_err("scan", &self.uri, e))?;
         let mut out = Vec::new();
         for b in batches {
             let s = |n: &str| -> Result<&StringArray> {
-                b.column_by_name(n)
-                    .and_then(|c| c.as_any().downcast_ref::<StringArray>())
-                    .ok_or_else(|| Error::Data(format!("run registry `{}`: column `{n}` missing or not a string", self.uri)))
+                b.column_by_name(n).and_then(|c| c.as_any().downcast_ref::<StringArray>()).ok_or_else(|| {
+                    Error::Data(format!("run registry `{}`: column `{n}` missing or not a string", self.uri))
+                })
             };
             let u = |n: &str| -> Result<&UInt64Array> {
-                b.column_by_name(n)
-                    .and_then(|c| c.as_any().downcast_ref::<UInt64Array>())
-                    .ok_or_else(|| Error::Data(format!("run registry `{}`: column `{n}` missing or not u64", self.uri)))
+                b.column_by_name(n).and_then(|c| c.as_any().downcast_ref::<UInt64Array>()).ok_or_else(|| {
+                    Error::Data(format!("run registry `{}`: column `{n}` missing or not u64", self.uri))
+                })
             };
             let i = |n: &str| -> Result<&Int64Array> {
-                b.column_by_name(n)
-                    .and_then(|c| c.as_any().downcast_ref::<Int64Array>())
-                    .ok_or_else(|| Error::Data(format!("run registry `{}`: column `{n}` missing or not i64", self.uri)))
+                b.column_by_name(n).and_then(|c| c.as_any().downcast_ref::<Int64Array>()).ok_or_else(|| {
+                    Error::Data(format!("run registry `{}`: column `{n}` missing or not i64", self.uri))
+                })
             };
             let (id, st, cfg, dir, faces, cache, cv, teacher, step, total, m, err, c, up) = (
                 s("run_id")?,

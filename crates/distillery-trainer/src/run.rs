@@ -12,10 +12,14 @@ use std::sync::atomic::AtomicBool;
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarMap;
-use distillery_cache::{BatchStream, FaceStore, StreamConfig, StreamPosition, TeacherCache, ViewSelection, open_stream};
+use distillery_cache::{
+    BatchStream, FaceStore, StreamConfig, StreamPosition, TeacherCache, ViewSelection, open_stream,
+};
 use distillery_core::{ClassSet, Preprocess, TeacherFingerprint};
 use distillery_data::{Batch, Split};
-use distillery_models::student::{Student, StudentSpec, build_student, load_student, parameter_count, save_student};
+use distillery_models::student::{
+    Student, StudentSpec, build_student, load_student, parameter_count, save_student,
+};
 use serde::{Deserialize, Serialize};
 
 use crate::config::{TrainConfig, ViewsMode};
@@ -144,7 +148,10 @@ impl BatchSource for StreamSource {
 }
 
 /// Picks the teacher to train from: `wanted`, or the only teacher in the cache.
-pub fn resolve_teacher(cache: &TeacherCache, wanted: Option<TeacherFingerprint>) -> Result<TeacherFingerprint> {
+pub fn resolve_teacher(
+    cache: &TeacherCache,
+    wanted: Option<TeacherFingerprint>,
+) -> Result<TeacherFingerprint> {
     let teachers = cache.teachers().map_err(cache_err)?;
     match wanted {
         Some(fp) => {
@@ -156,14 +163,19 @@ pub fn resolve_teacher(cache: &TeacherCache, wanted: Option<TeacherFingerprint>)
         }
         None => match teachers.as_slice() {
             [one] => Ok(one.fingerprint.clone()),
-            [] => Err(Error::config("data.cache", format!("cache `{}` holds no teacher outputs", cache.uri()))),
+            [] => {
+                Err(Error::config("data.cache", format!("cache `{}` holds no teacher outputs", cache.uri())))
+            }
             many => Err(Error::config(
                 "data.teacher",
                 format!(
                     "cache `{}` holds {} teachers ({}); choose one",
                     cache.uri(),
                     many.len(),
-                    many.iter().map(|t| format!("{} {}", t.fingerprint, t.name)).collect::<Vec<_>>().join(", ")
+                    many.iter()
+                        .map(|t| format!("{} {}", t.fingerprint, t.name))
+                        .collect::<Vec<_>>()
+                        .join(", ")
                 ),
             )),
         },
@@ -232,8 +244,11 @@ struct Inputs {
 }
 
 async fn open_inputs(cfg: &TrainConfig) -> Result<Inputs> {
-    let faces_uri =
-        cfg.data.faces.as_deref().ok_or_else(|| Error::config("data.faces", "no faces dataset given (--faces)"))?;
+    let faces_uri = cfg
+        .data
+        .faces
+        .as_deref()
+        .ok_or_else(|| Error::config("data.faces", "no faces dataset given (--faces)"))?;
     let faces = FaceStore::open(faces_uri).await.map_err(cache_err)?;
     let cache = match cfg.data.cache.as_deref() {
         Some(uri) => {
@@ -308,37 +323,40 @@ pub async fn run(cfg: &TrainConfig, mut opts: RunOptions) -> Result<RunReport> {
     let mut progress = opts.progress.take();
     let vm2 = varmap.clone();
     let spec2 = spec.clone();
-    let (summary, model) = tokio::task::spawn_blocking(move || -> Result<(TrainSummary, Box<dyn Student>)> {
-        let student = StudentModel(model);
-        let mut report_progress = |p: &Progress| {
-            if let Some(f) = progress.as_mut() {
-                f(p)
-            }
-        };
-        let summary = train(TrainRun {
-            config: &cfg2,
-            run_dir: &run_dir,
-            model: &student,
-            vars: named_vars(&vm2),
-            source: &mut source,
-            resume,
-            stop_after,
-            progress: Some(&mut report_progress),
-            cancel,
-        })?;
-        save_student(&run_dir, &spec2, &vm2).map_err(|e| Error::format(&run_dir, e.to_string()))?;
-        Ok((summary, student.0))
-    })
-    .await
-    .map_err(|e| Error::Data(format!("training thread: {e}")))??;
+    let (summary, model) =
+        tokio::task::spawn_blocking(move || -> Result<(TrainSummary, Box<dyn Student>)> {
+            let student = StudentModel(model);
+            let mut report_progress = |p: &Progress| {
+                if let Some(f) = progress.as_mut() {
+                    f(p)
+                }
+            };
+            let summary = train(TrainRun {
+                config: &cfg2,
+                run_dir: &run_dir,
+                model: &student,
+                vars: named_vars(&vm2),
+                source: &mut source,
+                resume,
+                stop_after,
+                progress: Some(&mut report_progress),
+                cancel,
+            })?;
+            save_student(&run_dir, &spec2, &vm2).map_err(|e| Error::format(&run_dir, e.to_string()))?;
+            Ok((summary, student.0))
+        })
+        .await
+        .map_err(|e| Error::Data(format!("training thread: {e}")))??;
 
     let finished = summary.steps == summary.total_steps;
     let eval = if finished {
-        let predictor = StudentPredictor { name: format!("student:{}", spec.name()), spec: spec.clone(), model };
+        let predictor =
+            StudentPredictor { name: format!("student:{}", spec.name()), spec: spec.clone(), model };
         let split = split_of("data.eval_split", &cfg.data.eval_split)?;
         let eopts = EvalOptions { split: cfg.data.eval_split.clone(), ..Default::default() };
         let cache = inputs.cache.as_ref().map(|(c, f)| (c, f));
-        let (report, samples) = evaluate(&predictor, &inputs.faces, cache, split, cfg.data.batch_size, &eopts).await?;
+        let (report, samples) =
+            evaluate(&predictor, &inputs.faces, cache, split, cfg.data.batch_size, &eopts).await?;
         let epath = opts.run_dir.join("eval.json");
         std::fs::write(&epath, serde_json::to_string_pretty(&report).expect("report serialises"))
             .map_err(|e| Error::io(&epath, e))?;

@@ -68,7 +68,10 @@ pub struct Trainer {
 }
 
 fn now_ms() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
 }
 
 fn state_name(s: v1::RunState) -> &'static str {
@@ -214,7 +217,8 @@ impl Trainer {
 
     /// Binds `addr` (port 0 picks one) and serves in a background task; returns the bound address.
     pub async fn spawn(self, addr: SocketAddr) -> Result<(SocketAddr, tokio::task::JoinHandle<Result<()>>)> {
-        let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| Error::io(addr.to_string(), e))?;
+        let listener =
+            tokio::net::TcpListener::bind(addr).await.map_err(|e| Error::io(addr.to_string(), e))?;
         let bound = listener.local_addr().map_err(|e| Error::io(addr.to_string(), e))?;
         let h = tokio::spawn(self.serve(listener, std::future::pending()));
         Ok((bound, h))
@@ -387,7 +391,10 @@ type EventStream = Pin<Box<dyn Stream<Item = std::result::Result<v1::RunEvent, S
 
 #[tonic::async_trait]
 impl TrainerService for Trainer {
-    async fn submit_run(&self, req: Request<v1::SubmitRunRequest>) -> std::result::Result<Response<v1::Run>, Status> {
+    async fn submit_run(
+        &self,
+        req: Request<v1::SubmitRunRequest>,
+    ) -> std::result::Result<Response<v1::Run>, Status> {
         let r = req.into_inner();
         self.submit(&r.config_toml, &r.overrides).await.map(Response::new).map_err(status_of)
     }
@@ -436,7 +443,10 @@ impl TrainerService for Trainer {
         Ok(Response::new(stream))
     }
 
-    async fn get_run(&self, req: Request<v1::GetRunRequest>) -> std::result::Result<Response<v1::Run>, Status> {
+    async fn get_run(
+        &self,
+        req: Request<v1::GetRunRequest>,
+    ) -> std::result::Result<Response<v1::Run>, Status> {
         self.get(&req.into_inner().run_id).map(Response::new)
     }
 
@@ -460,7 +470,10 @@ impl TrainerService for Trainer {
         Ok(Response::new(v1::ListRunsResponse { runs }))
     }
 
-    async fn cancel_run(&self, req: Request<v1::CancelRunRequest>) -> std::result::Result<Response<v1::Run>, Status> {
+    async fn cancel_run(
+        &self,
+        req: Request<v1::CancelRunRequest>,
+    ) -> std::result::Result<Response<v1::Run>, Status> {
         let r = req.into_inner();
         let (pending, cancel) = {
             let runs = self.inner.runs.lock().expect("runs lock");

@@ -61,7 +61,9 @@ pub fn concat(batches: &[Batch]) -> Result<Batch> {
         }
         let ts = batches
             .iter()
-            .map(|b| f(b).as_ref().ok_or_else(|| Error::Data("concat: some batches lack teacher outputs".into())))
+            .map(|b| {
+                f(b).as_ref().ok_or_else(|| Error::Data("concat: some batches lack teacher outputs".into()))
+            })
             .collect::<Result<Vec<_>>>()?;
         Ok(Some(Tensor::cat(&ts, 0).op("concat batches")?))
     };
@@ -104,7 +106,14 @@ impl MemorySource {
                 rows.len()
             )));
         }
-        let mut s = Self { rows, batch_size, seed, shuffle, pos: MemoryPosition { epoch: 0, batch: 0 }, order: vec![] };
+        let mut s = Self {
+            rows,
+            batch_size,
+            seed,
+            shuffle,
+            pos: MemoryPosition { epoch: 0, batch: 0 },
+            order: vec![],
+        };
         s.order = s.order_for(0);
         Ok(s)
     }
@@ -112,7 +121,8 @@ impl MemorySource {
     fn order_for(&self, epoch: usize) -> Vec<u32> {
         let mut order: Vec<u32> = (0..self.rows.len() as u32).collect();
         if self.shuffle {
-            let mut rng = ChaCha8Rng::seed_from_u64(self.seed ^ (epoch as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15));
+            let mut rng =
+                ChaCha8Rng::seed_from_u64(self.seed ^ (epoch as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15));
             order.shuffle(&mut rng);
         }
         order
@@ -180,7 +190,15 @@ pub(crate) mod tests {
     }
 
     fn ids(b: &Batch) -> Vec<u32> {
-        b.images.flatten_from(1).unwrap().narrow(1, 0, 1).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap()
+        b.images
+            .flatten_from(1)
+            .unwrap()
+            .narrow(1, 0, 1)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
             .into_iter()
             .map(|v| v as u32)
             .collect()

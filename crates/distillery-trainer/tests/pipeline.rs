@@ -32,13 +32,15 @@ async fn cache_run_reports_and_resumes_exactly() {
     assert_eq!(eval.n, 16);
     let agreement = eval.teacher.as_ref().expect("cache rows give teacher agreement");
     assert_eq!(agreement.n, 16);
-    for f in ["report.json", "eval.json", "metrics.jsonl", "config.toml", "student.json", "model.safetensors"] {
+    for f in ["report.json", "eval.json", "metrics.jsonl", "config.toml", "student.json", "model.safetensors"]
+    {
         assert!(straight.join(f).is_file(), "{f} missing");
     }
     for f in ["training_curves.png", "confusion.png", "valence_arousal.png"] {
         assert!(straight.join("plots").join(f).is_file(), "plot {f} missing");
     }
-    let on_disk: RunReport = serde_json::from_str(&std::fs::read_to_string(straight.join("report.json")).unwrap()).unwrap();
+    let on_disk: RunReport =
+        serde_json::from_str(&std::fs::read_to_string(straight.join("report.json")).unwrap()).unwrap();
     assert_eq!(on_disk.train.steps, 10);
     let (spec, _, _) = load_student(&straight, &Device::Cpu).unwrap();
     assert_eq!(spec.name(), "tiny@32");

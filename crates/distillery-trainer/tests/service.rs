@@ -23,7 +23,9 @@ async fn watch(client: &mut TrainerServiceClient<Channel>, id: &str) -> Vec<v1::
     let mut s = client.watch_run(v1::WatchRunRequest { run_id: id.into() }).await.unwrap().into_inner();
     let mut out = vec![];
     // Generous bound: a hung stream fails the test instead of hanging CI.
-    while let Some(ev) = tokio::time::timeout(Duration::from_secs(120), s.message()).await.expect("watch stalled").unwrap() {
+    while let Some(ev) =
+        tokio::time::timeout(Duration::from_secs(120), s.message()).await.expect("watch stalled").unwrap()
+    {
         out.push(ev);
     }
     out
@@ -75,11 +77,15 @@ async fn runs_are_trained_watched_listed_cancelled_and_remembered() {
 
     // A long run, cancelled while it trains.
     let long = client
-        .submit_run(v1::SubmitRunRequest { config_toml: common::config_toml(&faces, None, 100_000), overrides: vec![] })
+        .submit_run(v1::SubmitRunRequest {
+            config_toml: common::config_toml(&faces, None, 100_000),
+            overrides: vec![],
+        })
         .await
         .unwrap()
         .into_inner();
-    let mut s = client.watch_run(v1::WatchRunRequest { run_id: long.run_id.clone() }).await.unwrap().into_inner();
+    let mut s =
+        client.watch_run(v1::WatchRunRequest { run_id: long.run_id.clone() }).await.unwrap().into_inner();
     loop {
         let ev = tokio::time::timeout(Duration::from_secs(120), s.message()).await.unwrap().unwrap().unwrap();
         if ev.kind == v1::RunEventKind::Metrics as i32 {
@@ -97,7 +103,8 @@ async fn runs_are_trained_watched_listed_cancelled_and_remembered() {
     let end = end.unwrap();
     assert_eq!(state(&end), v1::RunState::Cancelled);
     assert_eq!(end.error, "enough");
-    let again = client.cancel_run(v1::CancelRunRequest { run_id: long.run_id.clone(), reason: String::new() }).await;
+    let again =
+        client.cancel_run(v1::CancelRunRequest { run_id: long.run_id.clone(), reason: String::new() }).await;
     assert_eq!(again.unwrap_err().code(), tonic::Code::FailedPrecondition);
 
     let listed = client.list_runs(v1::ListRunsRequest::default()).await.unwrap().into_inner().runs;

@@ -23,7 +23,9 @@ enum CacheCommand {
         uri: String,
     },
     /// Teachers, views, rows, versions, and coverage of a faces dataset.
-    #[command(after_help = "Example: distillery cache inspect runs/cache.lance --faces runs/faces.lance --format json")]
+    #[command(
+        after_help = "Example: distillery cache inspect runs/cache.lance --faces runs/faces.lance --format json"
+    )]
     Inspect {
         uri: String,
         /// Faces dataset to report coverage against (faces still lacking outputs per teacher).
@@ -120,7 +122,13 @@ fn print_inspection(r: &Inspection) -> anyhow::Result<()> {
         s.precision
     ))?;
     for t in &s.teachers {
-        print_line(format!("teacher  {} {} rows={} classes={}", t.fingerprint, t.name, t.rows, t.classes.join(",")))?;
+        print_line(format!(
+            "teacher  {} {} rows={} classes={}",
+            t.fingerprint,
+            t.name,
+            t.rows,
+            t.classes.join(",")
+        ))?;
     }
     for (view, rows) in &s.views {
         print_line(format!("view     {view}: {rows} rows"))?;

@@ -74,7 +74,8 @@ pub async fn run(args: EvalArgs) -> anyhow::Result<()> {
         }
         (None, None) => anyhow::bail!("give --model RUN_DIR or --teacher SPEC"),
     };
-    let faces = FaceStore::open(&args.faces).await.with_context(|| format!("opening faces {}", args.faces))?;
+    let faces =
+        FaceStore::open(&args.faces).await.with_context(|| format!("opening faces {}", args.faces))?;
     let cache = match &args.cache {
         Some(uri) => {
             let c = TeacherCache::open(uri).await.with_context(|| format!("opening cache {uri}"))?;
@@ -91,7 +92,8 @@ pub async fn run(args: EvalArgs) -> anyhow::Result<()> {
     };
     let opts = EvalOptions { flip: args.flip, split: split.as_str().to_string(), ..Default::default() };
     let (report, samples) =
-        evaluate(model.as_ref(), &faces, cache.as_ref().map(|(c, f)| (c, f)), split, args.batch_size, &opts).await?;
+        evaluate(model.as_ref(), &faces, cache.as_ref().map(|(c, f)| (c, f)), split, args.batch_size, &opts)
+            .await?;
     if let Some(dir) = &args.plots {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         distillery_trainer::plots::confusion_heatmap(
@@ -100,7 +102,11 @@ pub async fn run(args: EvalArgs) -> anyhow::Result<()> {
             &dir.join("confusion.png"),
         )?;
         if !samples.valence.is_empty() {
-            distillery_trainer::plots::va_scatter(&samples.valence, &samples.arousal, &dir.join("valence_arousal.png"))?;
+            distillery_trainer::plots::va_scatter(
+                &samples.valence,
+                &samples.arousal,
+                &dir.join("valence_arousal.png"),
+            )?;
         }
     }
     match args.format {
@@ -108,7 +114,10 @@ pub async fn run(args: EvalArgs) -> anyhow::Result<()> {
         EvalFormat::Text => {
             println!("{} on {} ({} faces)", report.model, report.split, report.n);
             let e = &report.expression;
-            println!("  expression: accuracy {:.4}  macro-F1 {:.4}  ({} labelled)", e.accuracy, e.macro_f1, e.n);
+            println!(
+                "  expression: accuracy {:.4}  macro-F1 {:.4}  ({} labelled)",
+                e.accuracy, e.macro_f1, e.n
+            );
             if let Some(a) = &report.affect {
                 for (name, m) in [("valence", &a.valence), ("arousal", &a.arousal)] {
                     println!(

@@ -167,7 +167,8 @@ pub async fn ingest(args: IngestArgs) -> anyhow::Result<ExitCode> {
             (ingest::affectnet::open(&csv, &opts)?, out, format)
         }
         IngestSource::Folder { root, out, split, skip_unknown_classes, format } => {
-            let opts = ingest::folder::FolderOptions { classes: ClassSet::emonet8(), split, skip_unknown_classes };
+            let opts =
+                ingest::folder::FolderOptions { classes: ClassSet::emonet8(), split, skip_unknown_classes };
             (ingest::folder::open(&root, &opts)?, out, format)
         }
         IngestSource::Manifest { file, out, split, format } => {
@@ -249,7 +250,11 @@ pub async fn faces(args: FacesArgs) -> anyhow::Result<ExitCode> {
                             .map(|m| {
                                 m.iter()
                                     .map(|(c, k)| {
-                                        let name = classes.names().get(*c as usize).cloned().unwrap_or(c.to_string());
+                                        let name = classes
+                                            .names()
+                                            .get(*c as usize)
+                                            .cloned()
+                                            .unwrap_or(c.to_string());
                                         format!("{name}={k}")
                                     })
                                     .collect()
@@ -259,7 +264,10 @@ pub async fn faces(args: FacesArgs) -> anyhow::Result<ExitCode> {
                     }
                     for (name, v) in [("valence", stats.valence), ("arousal", stats.arousal)] {
                         if let Some(v) = v {
-                            print_line(format!("  {name}: n={} mean={:+.3} std={:.3}", v.count, v.mean, v.std))?;
+                            print_line(format!(
+                                "  {name}: n={} mean={:+.3} std={:.3}",
+                                v.count, v.mean, v.std
+                            ))?;
                         }
                     }
                 }

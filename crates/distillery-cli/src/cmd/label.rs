@@ -83,7 +83,10 @@ pub async fn run(args: LabelArgs) -> anyhow::Result<ExitCode> {
         progress.update(
             p.images_done + p.images_skipped,
             p.images_total,
-            &format!("{} shards {}/{} {:.1} img/s", p.state, p.shards_done, p.shards_total, p.images_per_second),
+            &format!(
+                "{} shards {}/{} {:.1} img/s",
+                p.state, p.shards_done, p.shards_total, p.images_per_second
+            ),
         )
     };
     let job = if args.local {
@@ -125,7 +128,10 @@ pub async fn run(args: LabelArgs) -> anyhow::Result<ExitCode> {
                 job.job_id, job.images_done, job.images_skipped, job.rows_written, job.teacher_fingerprint
             ))?;
             for p in &job.poisoned {
-                print_line(format!("poisoned shard {} after {} attempts: {}", p.shard_id, p.attempts, p.last_error))?;
+                print_line(format!(
+                    "poisoned shard {} after {} attempts: {}",
+                    p.shard_id, p.attempts, p.last_error
+                ))?;
             }
         }
     }

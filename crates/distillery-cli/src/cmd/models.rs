@@ -47,7 +47,10 @@ pub async fn run(args: ModelsArgs) -> anyhow::Result<ExitCode> {
     match args.format {
         Format::Json | Format::Jsonl => print_json(&rows)?,
         Format::Text => {
-            print_line(format!("{:<28} {:<13} {:>12} {:>10}  input", "model", "kind", "parameters", "GMACs"))?;
+            print_line(format!(
+                "{:<28} {:<13} {:>12} {:>10}  input",
+                "model", "kind", "parameters", "GMACs"
+            ))?;
             for r in &rows {
                 print_line(format!(
                     "{:<28} {:<13} {:>12} {:>10.3}  {}x{}x{}",
@@ -68,7 +71,11 @@ pub async fn run(args: ModelsArgs) -> anyhow::Result<ExitCode> {
 /// `configs/teachers/*.toml` relative to the working directory.
 fn default_onnx_configs() -> Vec<PathBuf> {
     let mut v: Vec<PathBuf> = std::fs::read_dir("configs/teachers")
-        .map(|d| d.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| p.extension().is_some_and(|x| x == "toml")).collect())
+        .map(|d| {
+            d.filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.extension().is_some_and(|x| x == "toml"))
+                .collect()
+        })
         .unwrap_or_default();
     v.sort();
     v

@@ -56,7 +56,8 @@ pub async fn run(args: PredictArgs) -> anyhow::Result<ExitCode> {
     let teacher = tokio::task::spawn_blocking(move || load_teacher(&spec, &device)).await??;
     let predictions = match &args.npy {
         Some(npy) => {
-            let x = candle_core::Tensor::read_npy(npy).with_context(|| format!("reading {}", npy.display()))?;
+            let x =
+                candle_core::Tensor::read_npy(npy).with_context(|| format!("reading {}", npy.display()))?;
             if x.rank() != 4 {
                 bail!("{}: expected a [N,C,H,W] array, got shape {:?}", npy.display(), x.dims());
             }

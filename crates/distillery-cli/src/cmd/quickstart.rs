@@ -8,13 +8,15 @@ use distillery_local::{QuickstartOptions, quickstart};
 use crate::output::{Format, print_json, print_line};
 
 #[derive(clap::Args, Debug)]
-#[command(after_help = "Synthesises faces, trains a teacher, labels the faces with it through a coordinator and
+#[command(
+    after_help = "Synthesises faces, trains a teacher, labels the faces with it through a coordinator and
 two teacher workers (real gRPC on loopback) into a Lance cache, distils a student and trains a
 baseline, evaluates all three on the held-out split and writes DIR/report.md with plots.
 
 Examples:
   distillery quickstart                 # about 10 minutes on 2 cores
-  distillery quickstart --quick --dir /tmp/qs")]
+  distillery quickstart --quick --dir /tmp/qs"
+)]
 pub struct QuickstartArgs {
     /// Output directory (created if missing).
     #[arg(long, default_value = "quickstart")]
@@ -32,7 +34,12 @@ pub struct QuickstartArgs {
 }
 
 pub async fn run(args: QuickstartArgs) -> anyhow::Result<ExitCode> {
-    let opts = QuickstartOptions { dir: args.dir.clone(), quick: args.quick, seed: args.seed, workers: args.workers };
+    let opts = QuickstartOptions {
+        dir: args.dir.clone(),
+        quick: args.quick,
+        seed: args.seed,
+        workers: args.workers,
+    };
     let mut n = 0;
     let summary = quickstart(&opts, |stage| {
         n += 1;
@@ -49,7 +56,13 @@ pub async fn run(args: QuickstartArgs) -> anyhow::Result<ExitCode> {
             for r in &summary.rows {
                 print_line(format!(
                     "{:<18} {:<10} {:>9.3} {:>9.3} {:>8.3} {:>8.3} {:>8.0}",
-                    r.name, r.model, r.accuracy, r.macro_f1, r.valence_ccc, r.arousal_ccc, r.images_per_second
+                    r.name,
+                    r.model,
+                    r.accuracy,
+                    r.macro_f1,
+                    r.valence_ccc,
+                    r.arousal_ccc,
+                    r.images_per_second
                 ))?;
             }
             print_line(format!("report: {} ({:.0} s)", summary.report, summary.seconds))?;

@@ -80,8 +80,10 @@ pub async fn run(args: TrainArgs) -> anyhow::Result<()> {
     } else {
         let b = ProgressBar::new(0);
         b.set_style(
-            ProgressStyle::with_template("{bar:40} {pos}/{len} steps  epoch {msg}  [{elapsed_precise} < {eta_precise}]")
-                .expect("progress template"),
+            ProgressStyle::with_template(
+                "{bar:40} {pos}/{len} steps  epoch {msg}  [{elapsed_precise} < {eta_precise}]",
+            )
+            .expect("progress template"),
         );
         Some(b)
     };
@@ -92,7 +94,8 @@ pub async fn run(args: TrainArgs) -> anyhow::Result<()> {
             b.set_message(format!("{}  loss {:.4}  lr {:.2e}", p.epoch, p.losses.total, p.lr));
         }));
     }
-    let report = run_training(&cfg, opts).await.with_context(|| format!("training into {}", out.display()))?;
+    let report =
+        run_training(&cfg, opts).await.with_context(|| format!("training into {}", out.display()))?;
     if let Some(b) = bar {
         b.finish_and_clear();
     }
@@ -127,7 +130,11 @@ async fn submit(url: &str, cfg: &TrainConfig) -> anyhow::Result<()> {
         }
         if let Some(r) = ev.run {
             if r.state != last_state {
-                println!("run {}: {:?}", r.run_id, RunState::try_from(r.state).unwrap_or(RunState::Unspecified));
+                println!(
+                    "run {}: {:?}",
+                    r.run_id,
+                    RunState::try_from(r.state).unwrap_or(RunState::Unspecified)
+                );
                 last_state = r.state;
             }
             if r.state == RunState::Failed as i32 {

@@ -53,7 +53,12 @@ pub struct Fixture {
     pub backend: Arc<MemoryBackend>,
 }
 
-pub async fn open(dir: &Path, backend: Arc<MemoryBackend>, clock: Arc<ManualClock>, max_attempts: u32) -> Fixture {
+pub async fn open(
+    dir: &Path,
+    backend: Arc<MemoryBackend>,
+    clock: Arc<ManualClock>,
+    max_attempts: u32,
+) -> Fixture {
     let opts = CoordinatorOptions { state_dir: dir.to_path_buf(), lease_ttl: TTL, max_attempts };
     let core = Coordinator::open(opts, backend.clone(), backend.clone(), clock.clone(), Default::default())
         .await
