@@ -47,6 +47,14 @@ pub fn print_jsonl<T: Serialize>(value: &T) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `println!` for results: formats a line to stdout and returns early on a write error (a closed pipe).
+macro_rules! outln {
+    ($($arg:tt)*) => {
+        $crate::output::print_line(format_args!($($arg)*))?
+    };
+}
+pub(crate) use outln;
+
 /// Prints a line of text to stdout.
 pub fn print_line(line: impl std::fmt::Display) -> anyhow::Result<()> {
     writeln!(std::io::stdout().lock(), "{line}")?;

@@ -42,7 +42,7 @@ pub struct JobProgress {
 
 impl JobProgress {
     fn of(job: &v1::Job) -> Self {
-        let shards = job.shards.clone().unwrap_or_default();
+        let shards = job.shards.unwrap_or_default();
         Self {
             job_id: job.job_id.clone(),
             state: state_name(job.state),

@@ -106,8 +106,7 @@ pub struct QuickstartSummary {
 }
 
 fn base_config(plan: &Plan, faces: &str, seed: u64) -> TrainConfig {
-    let mut c = TrainConfig::default();
-    c.seed = seed;
+    let mut c = TrainConfig { seed, ..TrainConfig::default() };
     c.data.faces = Some(faces.to_owned());
     c.data.train_split = "train".into();
     c.data.eval_split = "val".into();

@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use crate::{Error, Result};
 
 /// Everything a training run needs besides the data itself.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TrainConfig {
     /// Seeds weight initialisation, data order and label subsampling.
@@ -136,20 +136,6 @@ pub struct CheckpointConfig {
 pub struct LogConfig {
     /// Append a line to `metrics.jsonl` every this many steps (epochs always get one); 0 disables.
     pub every_n_steps: u64,
-}
-
-impl Default for TrainConfig {
-    fn default() -> Self {
-        Self {
-            seed: 0,
-            data: DataConfig::default(),
-            student: StudentConfig::default(),
-            loss: LossConfig::default(),
-            optim: OptimConfig::default(),
-            checkpoint: CheckpointConfig::default(),
-            log: LogConfig::default(),
-        }
-    }
 }
 
 impl Default for DataConfig {

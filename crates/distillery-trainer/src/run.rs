@@ -194,6 +194,9 @@ fn views(mode: ViewsMode) -> ViewSelection {
     }
 }
 
+/// Called with each progress update of a run.
+pub type ProgressFn = Box<dyn FnMut(&Progress) + Send>;
+
 /// Options of [`run`] besides the configuration.
 pub struct RunOptions {
     pub run_dir: PathBuf,
@@ -202,7 +205,7 @@ pub struct RunOptions {
     pub device: Device,
     /// Stop after this many steps (the run can be resumed later).
     pub stop_after: Option<u64>,
-    pub progress: Option<Box<dyn FnMut(&Progress) + Send>>,
+    pub progress: Option<ProgressFn>,
     pub cancel: Option<Arc<AtomicBool>>,
     /// Draw `plots/*.png` at the end.
     pub plots: bool,

@@ -482,8 +482,7 @@ mod tests {
     }
 
     fn config(steps: u64) -> TrainConfig {
-        let mut c = TrainConfig::default();
-        c.seed = 11;
+        let mut c = TrainConfig { seed: 11, ..TrainConfig::default() };
         c.data.batch_size = 8;
         c.student.num_classes = 4;
         c.optim.steps = Some(steps);

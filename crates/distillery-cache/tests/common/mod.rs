@@ -19,7 +19,7 @@ pub fn png(seed: u32, w: u32, h: u32) -> Vec<u8> {
 /// split train except every fifth (val); every third face has a box.
 pub fn face(i: u32) -> FaceRecord {
     let image = png(i, 12, 10);
-    let box_xywh = (i % 3 == 0).then_some([1.0, 1.0, 8.0, 7.0]);
+    let box_xywh = i.is_multiple_of(3).then_some([1.0, 1.0, 8.0, 7.0]);
     FaceRecord {
         id: FaceId::of(&image, box_xywh),
         image,
@@ -28,7 +28,7 @@ pub fn face(i: u32) -> FaceRecord {
         box_xywh,
         label: (i % 7 != 6).then_some(i % 8),
         valence: Some((i as f32 * 0.1).sin()),
-        arousal: (i % 4 != 0).then(|| (i as f32 * 0.2).cos() * 0.5),
+        arousal: (!i.is_multiple_of(4)).then(|| (i as f32 * 0.2).cos() * 0.5),
         split: if i % 5 == 4 { Split::Val } else { Split::Train },
         source: format!("synth:0:{i}"),
     }
@@ -56,7 +56,7 @@ pub fn row(id: &FaceId, view: View) -> CacheRow {
         view,
         logits,
         valence: Some((h % 200) as f32 / 100.0 - 1.0),
-        arousal: (view.index % 2 == 0).then(|| (h % 150) as f32 / 150.0),
+        arousal: view.index.is_multiple_of(2).then(|| (h % 150) as f32 / 150.0),
         embedding: Some((0..4).map(|k| (h % (k + 5)) as f32 + 0.3).collect()),
         landmarks: (view.index == 0).then(|| (0..136).map(|k| k as f32 * 0.5).collect()),
     }

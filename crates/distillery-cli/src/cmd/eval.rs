@@ -2,6 +2,7 @@
 //! dataset — expression accuracy/F1/confusion, valence/arousal RMSE/PCC/CCC/SAGR — and, given a
 //! teacher cache, agreement with the cached teacher.
 
+use crate::output::outln;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -110,24 +111,30 @@ pub async fn run(args: EvalArgs) -> anyhow::Result<()> {
         }
     }
     match args.format {
-        EvalFormat::Json => println!("{}", serde_json::to_string_pretty(&report)?),
+        EvalFormat::Json => outln!("{}", serde_json::to_string_pretty(&report)?),
         EvalFormat::Text => {
-            println!("{} on {} ({} faces)", report.model, report.split, report.n);
+            outln!("{} on {} ({} faces)", report.model, report.split, report.n);
             let e = &report.expression;
-            println!(
+            outln!(
                 "  expression: accuracy {:.4}  macro-F1 {:.4}  ({} labelled)",
-                e.accuracy, e.macro_f1, e.n
+                e.accuracy,
+                e.macro_f1,
+                e.n
             );
             if let Some(a) = &report.affect {
                 for (name, m) in [("valence", &a.valence), ("arousal", &a.arousal)] {
-                    println!(
+                    outln!(
                         "  {name}: RMSE {:.4}  PCC {:.4}  CCC {:.4}  SAGR {:.4}  ({} labelled)",
-                        m.rmse, m.pcc, m.ccc, m.sagr, m.n
+                        m.rmse,
+                        m.pcc,
+                        m.ccc,
+                        m.sagr,
+                        m.n
                     );
                 }
             }
             if let Some(t) = &report.teacher {
-                println!("  vs teacher: top-1 agreement {:.4}  mean KL {:.4}", t.top1_agreement, t.mean_kl);
+                outln!("  vs teacher: top-1 agreement {:.4}  mean KL {:.4}", t.top1_agreement, t.mean_kl);
             }
         }
     }

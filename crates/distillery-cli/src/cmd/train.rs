@@ -4,6 +4,7 @@
 //! The configuration is `--config` (or the defaults), then the shortcut flags (`--faces`, `--cache`,
 //! `--student`), then every `--set key.path=value` in order; an unknown key is an error naming it.
 
+use crate::output::outln;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -99,7 +100,7 @@ pub async fn run(args: TrainArgs) -> anyhow::Result<()> {
     if let Some(b) = bar {
         b.finish_and_clear();
     }
-    println!("{}", serde_json::to_string_pretty(&report)?);
+    outln!("{}", serde_json::to_string_pretty(&report)?);
     Ok(())
 }
 
@@ -113,7 +114,7 @@ async fn submit(url: &str, cfg: &TrainConfig) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("SubmitRun on {url}"))?
         .into_inner();
-    println!("submitted run {} (run dir {} on the trainer)", run.run_id, run.run_dir);
+    outln!("submitted run {} (run dir {} on the trainer)", run.run_id, run.run_dir);
     let mut events = client
         .watch_run(WatchRunRequest { run_id: run.run_id.clone() })
         .await
@@ -126,11 +127,11 @@ async fn submit(url: &str, cfg: &TrainConfig) -> anyhow::Result<()> {
         let Some(ev) = msg.with_context(|| format!("watching run {}", run.run_id))? else { break };
         if ev.kind == RunEventKind::Metrics as i32 {
             let m: Vec<String> = ev.metrics.iter().map(|m| format!("{}={:.4}", m.name, m.value)).collect();
-            println!("step {} epoch {}: {}", ev.step, ev.epoch, m.join(" "));
+            outln!("step {} epoch {}: {}", ev.step, ev.epoch, m.join(" "));
         }
         if let Some(r) = ev.run {
             if r.state != last_state {
-                println!(
+                outln!(
                     "run {}: {:?}",
                     r.run_id,
                     RunState::try_from(r.state).unwrap_or(RunState::Unspecified)

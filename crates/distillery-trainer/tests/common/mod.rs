@@ -35,7 +35,7 @@ pub fn face(i: u32) -> FaceRecord {
         box_xywh: None,
         label: Some(class),
         valence: Some(class as f32 / 4.0 - 0.9),
-        arousal: Some(if class % 2 == 0 { 0.4 } else { -0.3 }),
+        arousal: Some(if class.is_multiple_of(2) { 0.4 } else { -0.3 }),
         split: if i % 5 == 4 { Split::Val } else { Split::Train },
         source: format!("test:{i}"),
     }
