@@ -54,19 +54,19 @@ impl Plan {
     fn of(quick: bool) -> Self {
         if quick {
             Plan {
-                faces: 640,
+                faces: 4000,
                 side: 48,
-                teacher_steps: 40,
-                student_steps: 20,
+                teacher_steps: 300,
+                student_steps: 150,
                 labelled_fraction: 0.1,
-                views: 0,
+                views: 1,
             }
         } else {
             Plan {
                 faces: 6000,
-                side: 64,
+                side: 48,
                 teacher_steps: 1500,
-                student_steps: 500,
+                student_steps: 800,
                 labelled_fraction: 0.1,
                 views: 2,
             }
