@@ -724,9 +724,17 @@ impl Coordinator {
         if lease_id.is_empty() {
             return Err(CoordError::invalid("lease_id", "is required"));
         }
-        if let Err(e) = serde_json::from_slice::<serde_json::Value>(staged) {
-            return Err(CoordError::invalid("staged_fragments", format!("not valid JSON: {e}")));
-        }
+        let staged_json = match serde_json::from_slice::<serde_json::Value>(staged) {
+            Ok(v) => v,
+            Err(e) => return Err(CoordError::invalid("staged_fragments", format!("not valid JSON: {e}"))),
+        };
+        // The teacher that produced the rows. A generic worker (one that loads the teacher named
+        // in each lease) does not announce a fingerprint when it registers, so the job learns it
+        // here, from its first completion.
+        let staged_teacher = staged_json
+            .pointer("/teacher/fingerprint")
+            .and_then(|v| v.as_str())
+            .and_then(|s| TeacherFingerprint::parse(s).ok());
         let now = self.now();
         let (spec, key, job_id, shard_id) = {
             let mut st = self.lock();
@@ -804,6 +812,12 @@ impl Coordinator {
         };
         let faces = s.range.len;
         self.inner.store.put_shards(&job_id, &[&j.shards[shard_id as usize]])?;
+        if j.rec.teacher_fingerprint.is_none()
+            && let Some(fp) = staged_teacher
+        {
+            j.rec.teacher_fingerprint = Some(fp);
+            self.inner.store.put_job(&j.rec, &[])?;
+        }
         let now = self.now();
         j.recent.push_back((now, faces));
         j.rec.updated_at_ms = now;

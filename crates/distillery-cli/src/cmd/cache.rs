@@ -21,6 +21,8 @@ enum CacheCommand {
     List {
         /// Cache URI (local path or s3://bucket/prefix).
         uri: String,
+        #[arg(long, value_enum, default_value_t)]
+        format: Format,
     },
     /// Teachers, views, rows, versions, and coverage of a faces dataset.
     #[command(
@@ -35,13 +37,20 @@ enum CacheCommand {
         format: Format,
     },
     /// Rewrite small fragments into fewer, larger ones (rows unchanged).
-    Compact { uri: String },
+    #[command(after_help = "Example: distillery cache compact runs/cache.lance")]
+    Compact {
+        uri: String,
+        #[arg(long, value_enum, default_value_t)]
+        format: Format,
+    },
     /// Delete versions older than the given age (the latest version is always kept).
     Cleanup {
         uri: String,
         /// Minimum age of the versions to delete, in hours.
         #[arg(long, default_value_t = 24 * 7)]
         older_than_hours: u64,
+        #[arg(long, value_enum, default_value_t)]
+        format: Format,
     },
 }
 
@@ -62,9 +71,13 @@ struct TeacherCoverage {
 
 pub async fn run(args: CacheArgs) -> anyhow::Result<ExitCode> {
     match args.command {
-        CacheCommand::List { uri } => {
+        CacheCommand::List { uri, format } => {
             let cache = TeacherCache::open(&uri).await?;
-            for t in cache.summary().await?.teachers {
+            let teachers = cache.summary().await?.teachers;
+            if format != Format::Text {
+                print_json(&teachers)?;
+            }
+            for t in teachers.iter().filter(|_| format == Format::Text) {
                 print_line(format!("{}  {:<24} {:>10} rows", t.fingerprint, t.name, t.rows))?;
             }
         }
@@ -89,17 +102,23 @@ pub async fn run(args: CacheArgs) -> anyhow::Result<ExitCode> {
                 Format::Text => print_inspection(&report)?,
             }
         }
-        CacheCommand::Compact { uri } => {
+        CacheCommand::Compact { uri, format } => {
             let mut cache = TeacherCache::open(&uri).await?;
             let s = cache.compact().await?;
+            if format != Format::Text {
+                return print_json(&s).map(|()| ExitCode::SUCCESS);
+            }
             print_line(format!(
                 "compacted {uri}: {} → {} fragments (version {})",
                 s.fragments_before, s.fragments_after, s.version
             ))?;
         }
-        CacheCommand::Cleanup { uri, older_than_hours } => {
+        CacheCommand::Cleanup { uri, older_than_hours, format } => {
             let mut cache = TeacherCache::open(&uri).await?;
             let s = cache.cleanup(Duration::from_secs(older_than_hours * 3600)).await?;
+            if format != Format::Text {
+                return print_json(&s).map(|()| ExitCode::SUCCESS);
+            }
             print_line(format!(
                 "removed {} old versions, {} data files, {} bytes",
                 s.old_versions, s.data_files_removed, s.bytes_removed

@@ -39,7 +39,11 @@ pub async fn run(args: ModelsArgs) -> anyhow::Result<ExitCode> {
             }
         }
         for s in zoo::DEFAULT_STUDENTS.iter().map(|s| s.to_string()).chain(args.student.clone()) {
-            rows.push(zoo::student_cost(&s, args.classes)?);
+            let cost = zoo::student_cost(&s, args.classes)?;
+            // `--student mobilenetv2@224` names a default model again: list it once.
+            if !rows.iter().any(|r| r.name == cost.name) {
+                rows.push(cost);
+            }
         }
         Ok(rows)
     })
