@@ -1,5 +1,5 @@
 //! Faces dataset and teacher cache on an S3-compatible server (moto) started on loopback.
-//! Skips with a message when moto is not installed.
+//! Skips with a message when moto is not installed (`./dev test` installs it in a cached venv).
 #![allow(clippy::print_stdout)]
 
 mod common;
@@ -23,8 +23,13 @@ impl Drop for Server {
     }
 }
 
+/// `$DISTILLERY_PYTHON` (set by `./dev test` to a venv with moto) or `python3`.
+fn python() -> String {
+    std::env::var("DISTILLERY_PYTHON").unwrap_or_else(|_| "python3".into())
+}
+
 fn moto_available() -> bool {
-    Command::new("python3")
+    Command::new(python())
         .args(["-c", "import moto.server"])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -34,7 +39,7 @@ fn moto_available() -> bool {
 
 fn start_moto() -> (Server, u16) {
     let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let child = Command::new("python3")
+    let child = Command::new(python())
         .args(["-m", "moto.server", "-H", "127.0.0.1", "-p", &port.to_string()])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
