@@ -561,7 +561,6 @@ mod tests {
     }
 
     #[test]
-    #[ignore = "two identical CPU runs can still differ in the last bits of the weights; under investigation"]
     fn same_seed_same_weights_and_loss_decreases() {
         let cfg = config(25);
         let a = tempfile::tempdir().unwrap();
@@ -570,9 +569,11 @@ mod tests {
         let (wb, _) = run(&cfg, b.path(), false, None);
         assert_eq!(wa, wb);
         let lines = read_metrics(a.path()).unwrap();
-        let first = lines.first().unwrap().losses.total;
-        let last = lines.iter().rev().find(|l| l.kind == "step").unwrap().losses.total;
-        assert!(last < 0.5 * first, "loss did not fall: {first} → {last}");
+        // The soft term is a cross-entropy against the teacher, bounded below by the teacher's
+        // entropy; the hard cross-entropy against the labels can fall towards zero.
+        let first = lines.first().unwrap().losses.hard;
+        let last = lines.iter().rev().find(|l| l.kind == "step").unwrap().losses.hard;
+        assert!(last < 0.5 * first, "hard loss did not fall: {first} → {last}");
         let mut cfg2 = cfg.clone();
         cfg2.seed = 12;
         let c = tempfile::tempdir().unwrap();
