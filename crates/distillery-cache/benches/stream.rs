@@ -1,8 +1,12 @@
 //! Throughput of the cache and the streaming reader on synthetic faces in a tempdir:
 //! teacher-cache rows/s (stage+commit and read back) and decoded images/s through `open_stream`.
 //!
-//! `cargo bench -p distillery-cache --bench stream` (env: BENCH_FACES, BENCH_VIEWS, BENCH_WORKERS).
+//! `./dev bench --bench stream` (env: BENCH_FACES, BENCH_VIEWS, BENCH_WORKERS).
 #![allow(clippy::print_stdout)]
+
+/// The allocator the `distillery` binary uses, so the numbers match what users run.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use std::time::Instant;
 

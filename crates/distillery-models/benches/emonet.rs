@@ -2,9 +2,13 @@
 //! do not affect the speed of dense convolutions. Set `EMONET_WEIGHTS` to a `.pth`/`.safetensors`
 //! file to time real weights instead, and `EMONET_BENCH_ITERS` to change the repetitions.
 //!
-//! Run: `cargo bench -p distillery-models --bench emonet`.
+//! Run: `./dev bench --bench emonet`.
 
 #![allow(clippy::print_stdout)]
+
+/// The allocator the `distillery` binary uses, so the numbers match what users run.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[path = "../tests/emonet_fixture/mod.rs"]
 mod emonet_fixture;

@@ -1,8 +1,12 @@
 //! Throughput of the face-api ONNX teacher on CPU at batch 1 and 32 (images/s).
 //!
-//! `cargo bench -p distillery-models --bench onnx_faceapi` (needs `../shared/reference`).
+//! `./dev bench --bench onnx_faceapi` (needs `../shared/reference`).
 
 #![allow(clippy::print_stdout)]
+
+/// The allocator the `distillery` binary uses, so the numbers match what users run.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use std::path::Path;
 use std::time::Instant;

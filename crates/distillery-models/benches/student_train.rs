@@ -1,8 +1,12 @@
 //! CPU training throughput of MobileNetV2 1.0×: forward, backward and an AdamW step per batch.
 //!
-//! `cargo bench -p distillery-models --bench student_train` prints images/s at 112² (batch 32)
+//! `./dev bench --bench student_train` prints images/s at 112² (batch 32)
 //! and 224² (batch 16) after warm-up steps. `STUDENT_BENCH_STEPS` sets the timed steps (default 5).
 #![allow(clippy::print_stdout)] // a bench binary reports on stdout
+
+/// The allocator the `distillery` binary uses, so the numbers match what users run.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use std::time::Instant;
 
