@@ -55,7 +55,7 @@ enum Command {
     Models(cmd::models::ModelsArgs),
     /// Run a teacher or a trained student on images or a preprocessed array.
     Predict(cmd::predict::PredictArgs),
-    /// Run a service: coordinator or teacher worker.
+    /// Run a service: coordinator, teacher worker or trainer.
     Serve(ServeArgs),
     /// Print shell completions for bash, zsh, fish, elvish or powershell.
     Completions(cmd::completions::CompletionsArgs),
@@ -79,6 +79,11 @@ enum Service {
         after_help = "Example: distillery serve teacher --coordinator http://coordinator:50051 --teacher configs/teachers/faceapi.toml"
     )]
     Teacher(cmd::serve_teacher::ServeTeacherArgs),
+    /// The trainer: queues distillation runs submitted with `distillery train --trainer`, trains them.
+    #[command(
+        after_help = "Example: distillery serve trainer --listen 0.0.0.0:50053 --state-dir /var/lib/distillery/trainer"
+    )]
+    Trainer(cmd::serve_trainer::ServeTrainerArgs),
 }
 
 fn main() -> ExitCode {
@@ -105,6 +110,9 @@ fn main() -> ExitCode {
             }
             Command::Serve(ServeArgs { service: Service::Teacher(a) }) => {
                 cmd::serve_teacher::run(a).await.map(|()| ExitCode::SUCCESS)
+            }
+            Command::Serve(ServeArgs { service: Service::Trainer(a) }) => {
+                cmd::serve_trainer::run(a).await.map(|()| ExitCode::SUCCESS)
             }
             Command::Completions(a) => cmd::completions::run::<Cli>(a),
         }

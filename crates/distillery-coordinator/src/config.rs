@@ -32,7 +32,8 @@ pub struct CoordinatorConfig {
     /// A shard is poisoned after this many failed attempts.
     #[serde(default = "default_max_attempts")]
     pub max_attempts: u32,
-    /// When set, every call must carry `authorization: Bearer <token>`.
+    /// When set, every `CoordinatorService` call must carry `authorization: Bearer <token>`
+    /// (health and reflection stay open).
     #[serde(default)]
     pub auth_token: Option<String>,
     /// When set, gRPC is served over TLS.

@@ -9,6 +9,7 @@ use distillery_proto::v1;
 use distillery_proto::v1::coordinator_service_server::CoordinatorService;
 use futures::Stream;
 use tokio::sync::broadcast::error::RecvError;
+use tokio::sync::watch;
 use tonic::{Request, Response, Status};
 
 use crate::coordinator::Coordinator;
@@ -31,11 +32,32 @@ impl From<CoordError> for Status {
 #[derive(Clone, Debug)]
 pub struct CoordinatorGrpc {
     core: Coordinator,
+    /// Turns true when the server begins to shut down; open `WatchJob` streams then end.
+    closing: Option<watch::Receiver<bool>>,
 }
 
 impl CoordinatorGrpc {
     pub fn new(core: Coordinator) -> Self {
-        Self { core }
+        Self { core, closing: None }
+    }
+
+    /// Ends every open `WatchJob` stream with `UNAVAILABLE` once `closing` turns true, so a
+    /// graceful shutdown does not wait for jobs to finish and clients know to watch again.
+    pub fn closing_on(mut self, closing: watch::Receiver<bool>) -> Self {
+        self.closing = Some(closing);
+        self
+    }
+}
+
+/// Resolves once `closing` turns true (never without a receiver, or if its sender is gone first).
+async fn closed(closing: Option<watch::Receiver<bool>>) {
+    match closing {
+        Some(mut rx) => {
+            if rx.wait_for(|c| *c).await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
+        None => std::future::pending::<()>().await,
     }
 }
 
@@ -278,13 +300,25 @@ impl CoordinatorService for CoordinatorGrpc {
         required("job_id", &id)?;
         let (snapshot, mut rx) = self.core.watch_job(&id)?;
         let core = self.core.clone();
+        let closing = self.closing.clone();
         let stream = async_stream(move |tx| async move {
             let done = snapshot.job.state.is_terminal();
             if tx.send(Ok(event_to_proto(&snapshot))).await.is_err() || done {
                 return;
             }
+            let closed = closed(closing);
+            tokio::pin!(closed);
             loop {
-                let ev = match rx.recv().await {
+                let next = tokio::select! {
+                    next = rx.recv() => next,
+                    () = &mut closed => {
+                        let _ = tx
+                            .send(Err(Status::unavailable("the coordinator is shutting down; watch the job again")))
+                            .await;
+                        return;
+                    }
+                };
+                let ev = match next {
                     Ok(ev) if ev.job.id == id => ev,
                     Ok(_) => continue,
                     Err(RecvError::Lagged(_)) => match core.get_job(&id) {

@@ -1,6 +1,8 @@
 //! Running the coordinator as a gRPC server: health (NOT_SERVING until the state is loaded, then
-//! SERVING), reflection, optional bearer-token auth on every service, optional TLS, message size
-//! limits, the lease reaper, the metrics endpoint, and graceful shutdown.
+//! SERVING), reflection, optional bearer-token auth on `CoordinatorService` (health and reflection
+//! stay open, so probes work without credentials), optional TLS, message size limits, the lease
+//! reaper, the metrics endpoint, and graceful shutdown (open `WatchJob` streams end with
+//! `UNAVAILABLE` so that clients watch again once the coordinator is back).
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -12,7 +14,6 @@ use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Identity, Server, ServerTlsConfig};
-use tonic::{Request, Status};
 
 use crate::backend::{CacheCommitter, ShardPlanner};
 use crate::clock::{Clock, SystemClock};
@@ -22,6 +23,8 @@ use crate::error::CoordError;
 use crate::grpc::CoordinatorGrpc;
 use crate::lance_backend::LanceBackend;
 use crate::metrics::{Metrics, serve_metrics};
+
+pub use distillery_proto::auth::BearerAuth;
 
 /// File in the state directory holding the bound gRPC address (`host:port`), rewritten at start.
 pub const ADDR_FILE: &str = "coordinator.addr";
@@ -62,39 +65,6 @@ impl Backends {
     /// One object serving both roles (e.g. [`crate::MemoryBackend`]).
     pub fn from_shared<B: ShardPlanner + CacheCommitter>(b: Arc<B>) -> Self {
         Self { planner: b.clone(), cache: b }
-    }
-}
-
-/// Checks `authorization: Bearer <token>` on every call when a token is configured.
-#[derive(Clone, Debug)]
-pub struct BearerAuth {
-    token: Option<Arc<str>>,
-}
-
-impl BearerAuth {
-    pub fn new(token: Option<&str>) -> Self {
-        Self { token: token.map(Arc::from) }
-    }
-}
-
-/// Equal-time comparison, so the time a refusal takes says nothing about the token.
-fn same_bytes(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
-impl tonic::service::Interceptor for BearerAuth {
-    fn call(&mut self, req: Request<()>) -> Result<Request<()>, Status> {
-        let Some(token) = &self.token else { return Ok(req) };
-        let given = req
-            .metadata()
-            .get("authorization")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")));
-        match given {
-            Some(g) if same_bytes(g.trim().as_bytes(), token.as_bytes()) => Ok(req),
-            Some(_) => Err(Status::unauthenticated("invalid bearer token")),
-            None => Err(Status::unauthenticated("missing `authorization: Bearer <token>` metadata")),
-        }
     }
 }
 
@@ -219,7 +189,10 @@ pub async fn spawn_with(
 
     let auth = BearerAuth::new(cfg.auth_token.as_deref());
     let limit = cfg.max_message_bytes;
-    let coord_svc = CoordinatorServiceServer::new(CoordinatorGrpc::new(core.clone()))
+    // Set when shutdown begins: open WatchJob streams end, so the graceful stop does not wait for
+    // jobs to finish.
+    let (closing_tx, closing_rx) = watch::channel(false);
+    let coord_svc = CoordinatorServiceServer::new(CoordinatorGrpc::new(core.clone()).closing_on(closing_rx))
         .max_decoding_message_size(limit)
         .max_encoding_message_size(limit);
     let reflection = tonic_reflection::server::Builder::configure()
@@ -240,10 +213,11 @@ pub async fn spawn_with(
         let identity = Identity::from_pem(read(&tls.cert)?, read(&tls.key)?);
         builder = builder.tls_config(ServerTlsConfig::new().identity(identity))?;
     }
+    // Only the Distillery service needs the token: kubelet gRPC probes cannot send one.
     let router = builder
-        .add_service(InterceptedService::new(coord_svc, auth.clone()))
-        .add_service(InterceptedService::new(health, auth.clone()))
-        .add_service(InterceptedService::new(reflection, auth));
+        .add_service(InterceptedService::new(coord_svc, auth))
+        .add_service(health)
+        .add_service(reflection);
 
     let (shutdown_tx, shutdown_rx) = oneshot::channel::<()>();
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
@@ -254,6 +228,7 @@ pub async fn spawn_with(
                 let _ = shutdown_rx.await;
                 reporter.set_not_serving::<CoordinatorServiceServer<CoordinatorGrpc>>().await;
                 reporter.set_service_status("", tonic_health::ServingStatus::NotServing).await;
+                let _ = closing_tx.send(true);
             };
             let result = router.serve_with_incoming_shutdown(incoming, signal).await;
             let _ = stop_tx.send(true);

@@ -174,15 +174,64 @@ async fn calls_without_the_token_are_unauthenticated() {
     let mut anon = client(&running, None).await;
     let e = anon.list_jobs(v1::ListJobsRequest::default()).await.unwrap_err();
     assert_eq!(e.code(), Code::Unauthenticated);
+    let e = anon.submit_label_job(submit_request(2)).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated, "{e}");
+    let e = anon
+        .register_worker(v1::RegisterWorkerRequest { worker_id: "w".into(), ..Default::default() })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated, "{e}");
     let mut wrong =
         CoordinatorServiceClient::with_interceptor(channel(&running).await, AddToken(Some("nope")));
     let e = wrong.list_jobs(v1::ListJobsRequest::default()).await.unwrap_err();
     assert_eq!(e.code(), Code::Unauthenticated);
-    let mut health = tonic_health::pb::health_client::HealthClient::new(channel(&running).await);
-    let e = health.check(tonic_health::pb::HealthCheckRequest { service: String::new() }).await.unwrap_err();
-    assert_eq!(e.code(), Code::Unauthenticated);
     let mut ok = client(&running, Some(TOKEN)).await;
     assert!(ok.list_jobs(v1::ListJobsRequest::default()).await.is_ok());
+    // Nothing was submitted by the refused calls.
+    assert!(ok.list_jobs(v1::ListJobsRequest::default()).await.unwrap().into_inner().jobs.is_empty());
+    running.shutdown().await.unwrap();
+}
+
+/// Health and reflection stay open with a token configured: kubelet gRPC probes and `grpcurl list`
+/// cannot send one. Every `CoordinatorService` RPC stays guarded.
+#[tokio::test]
+async fn health_and_reflection_answer_without_the_token() {
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+
+    let dir = tempfile::tempdir().unwrap();
+    let (running, _) = start(dir.path()).await;
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel(&running).await);
+    for service in ["", "distillery.v1.CoordinatorService"] {
+        let r = health
+            .check(tonic_health::pb::HealthCheckRequest { service: service.into() })
+            .await
+            .unwrap_or_else(|e| panic!("health {service:?} without a token: {e}"))
+            .into_inner();
+        assert_eq!(
+            r.status,
+            tonic_health::pb::health_check_response::ServingStatus::Serving as i32,
+            "{service:?}"
+        );
+    }
+
+    let mut reflection = ServerReflectionClient::new(channel(&running).await);
+    let req = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut stream =
+        reflection.server_reflection_info(tokio_stream::iter(vec![req])).await.unwrap().into_inner();
+    let resp = stream.message().await.unwrap().unwrap();
+    let Some(MessageResponse::ListServicesResponse(list)) = resp.message_response else { panic!("{resp:?}") };
+    let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    assert!(names.iter().any(|n| n == "distillery.v1.CoordinatorService"), "{names:?}");
+
+    let mut anon = client(&running, None).await;
+    let e = anon.submit_label_job(submit_request(2)).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated, "{e}");
     running.shutdown().await.unwrap();
 }
 
@@ -269,6 +318,28 @@ async fn health_reports_serving() {
         );
     }
     running.shutdown().await.unwrap();
+}
+
+/// Shutdown does not wait for running jobs: open WatchJob streams end with UNAVAILABLE (the job
+/// goes on after a restart, so clients watch again).
+#[tokio::test]
+async fn shutdown_ends_open_watch_streams_with_unavailable() {
+    let dir = tempfile::tempdir().unwrap();
+    let (running, _) = start(dir.path()).await;
+    let mut c = client(&running, Some(TOKEN)).await;
+    let job = c.submit_label_job(submit_request(2)).await.unwrap().into_inner().job.unwrap();
+    let mut events =
+        c.watch_job(v1::WatchJobRequest { job_id: job.job_id.clone() }).await.unwrap().into_inner();
+    let snapshot = events.message().await.unwrap().unwrap();
+    assert_eq!(snapshot.job.unwrap().job_id, job.job_id);
+    // The job has no worker, so it cannot end: only the shutdown can close the stream.
+    tokio::time::timeout(std::time::Duration::from_secs(60), running.shutdown())
+        .await
+        .expect("shutdown waited for an open WatchJob stream")
+        .unwrap();
+    let e = events.message().await.unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable, "{e}");
+    assert!(e.message().contains("shutting down"), "{e}");
 }
 
 /// A minimal HTTP/1.0 GET (the test needs no HTTP client crate).

@@ -18,6 +18,17 @@ pub enum Error {
     Faces(#[from] distillery_cache::Error),
     #[error("{what}: {reason}")]
     Step { what: String, reason: String },
+    #[error(
+        "lost the coordinator at {endpoint} for {waited_secs}s while following job {job_id} (the job goes \
+         on: run the same command again to attach to it); last {call}: {status}"
+    )]
+    CoordinatorLost {
+        endpoint: String,
+        job_id: String,
+        waited_secs: u64,
+        call: &'static str,
+        status: Box<tonic::Status>,
+    },
     #[error("labelling job {job_id} ended {state}: {detail}")]
     JobFailed { job_id: String, state: String, detail: String },
 }

@@ -5,6 +5,7 @@
 //! from their comments. Services: `CoordinatorService` (jobs and shard leases), `TeacherService`
 //! (inference on a worker) and `TrainerService` (training runs).
 
+pub mod auth;
 pub mod convert;
 
 /// Package `distillery.v1`: messages, enums, `*_client` and `*_server` modules.

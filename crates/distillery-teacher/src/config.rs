@@ -35,7 +35,7 @@ pub struct WorkerConfig {
     pub queue_capacity: usize,
     /// Bearer token: required from `TeacherService` clients and sent to the coordinator.
     pub auth_token: Option<String>,
-    /// Stable worker id (1..=128 of `[A-Za-z0-9._:-]`); default `worker-<pid>-<port>`.
+    /// Stable worker id (1..=128 of `[A-Za-z0-9._:-]`); default `worker-<host>-<pid>-<port>`.
     pub worker_id: Option<String>,
     /// Largest gRPC message accepted or sent, in bytes.
     pub max_message_bytes: usize,

@@ -1,10 +1,11 @@
 //! `TeacherService` over gRPC: the loaded teacher answers `Infer`, `InferStream` and `ModelInfo`,
-//! next to the standard health service (`NOT_SERVING` until a teacher is loaded) and reflection.
+//! next to the standard health service (see [`EngineSlot`] for what it reports) and reflection.
 //!
 //! Only `TeacherService` requires the bearer token when one is configured; health and reflection
 //! stay open so load balancers and `grpcurl` can probe a worker without credentials.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Instant;
 
@@ -25,34 +26,50 @@ use crate::prep::{input_shape, prepare_views};
 pub const SERVICE_NAME: &str = "distillery.v1.TeacherService";
 
 /// The engine the service answers with; empty until a teacher is loaded, swapped when a lease
-/// names another teacher. Health follows it.
+/// names another teacher. Health follows it:
+///
+/// - `distillery.v1.TeacherService` is `SERVING` while a teacher is loaded (it answers `Infer`);
+/// - `""` (the whole worker, what probes ask) is `SERVING` while a teacher is loaded **or** the
+///   worker can take work (registered with the coordinator; see [`EngineSlot::set_accepting_work`]),
+///   so a generic worker is ready while idle and stays ready while it swaps teachers.
 #[derive(Clone)]
 pub struct EngineSlot {
     engine: Arc<RwLock<Option<(Engine, String)>>>,
+    accepting: Arc<AtomicBool>,
     health: HealthReporter,
 }
 
 impl EngineSlot {
     fn new(health: HealthReporter) -> Self {
-        Self { engine: Arc::new(RwLock::new(None)), health }
+        Self { engine: Arc::new(RwLock::new(None)), accepting: Arc::new(AtomicBool::new(false)), health }
     }
 
     /// Installs `engine` (running on `device`) and reports `SERVING`.
     pub async fn set(&self, engine: Engine, device: String) {
         *self.engine.write().expect("engine slot lock") = Some((engine, device));
-        self.health.set_service_status(SERVICE_NAME, ServingStatus::Serving).await;
-        self.health.set_service_status("", ServingStatus::Serving).await;
+        self.report().await;
     }
 
-    /// Removes the engine and reports `NOT_SERVING`.
+    /// Removes the engine: `TeacherService` reports `NOT_SERVING` (the worker as a whole stays
+    /// `SERVING` if it can take work).
     pub async fn clear(&self) {
         *self.engine.write().expect("engine slot lock") = None;
-        self.set_not_serving().await;
+        self.report().await;
     }
 
-    async fn set_not_serving(&self) {
-        self.health.set_service_status(SERVICE_NAME, ServingStatus::NotServing).await;
-        self.health.set_service_status("", ServingStatus::NotServing).await;
+    /// Whether the worker can take work (it holds a session with the coordinator).
+    pub async fn set_accepting_work(&self, accepting: bool) {
+        self.accepting.store(accepting, Ordering::SeqCst);
+        self.report().await;
+    }
+
+    /// Publishes the health statuses implied by the current state.
+    async fn report(&self) {
+        let loaded = self.engine.read().expect("engine slot lock").is_some();
+        let ready = loaded || self.accepting.load(Ordering::SeqCst);
+        let status = |on: bool| if on { ServingStatus::Serving } else { ServingStatus::NotServing };
+        self.health.set_service_status(SERVICE_NAME, status(loaded)).await;
+        self.health.set_service_status("", status(ready)).await;
     }
 
     pub fn get(&self) -> Option<(Engine, String)> {
@@ -249,21 +266,6 @@ impl TeacherService for TeacherServer {
     }
 }
 
-/// Checks `authorization: Bearer <token>` against the expected token.
-fn check_bearer(expected: &str, req: &Request<()>) -> std::result::Result<(), Status> {
-    let got = req.metadata().get("authorization").and_then(|v| v.to_str().ok());
-    match got.and_then(|v| v.strip_prefix("Bearer ")) {
-        Some(t) if constant_time_eq(t.as_bytes(), expected.as_bytes()) => Ok(()),
-        Some(_) => Err(Status::unauthenticated("invalid bearer token")),
-        None => Err(Status::unauthenticated("missing `authorization: Bearer <token>` metadata")),
-    }
-}
-
-/// Compares without an early exit so response timing does not leak how much of a token matched.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
 /// Options of the gRPC server.
 #[derive(Clone, Debug)]
 pub struct ServerOptions {
@@ -279,7 +281,8 @@ pub struct TeacherServerHandle {
 }
 
 /// Binds `listen` and serves the teacher, health and reflection services until `shutdown` resolves.
-/// Health is `NOT_SERVING` until [`EngineSlot::set`] installs a teacher.
+/// Health is `NOT_SERVING` until [`EngineSlot::set`] installs a teacher or
+/// [`EngineSlot::set_accepting_work`] says the worker can take work.
 pub async fn serve(
     listen: SocketAddr,
     opts: ServerOptions,
@@ -294,7 +297,7 @@ pub async fn serve(
         .map_err(|e| Error::Transport { what: "TeacherService listener".into(), reason: e.to_string() })?;
     let (health, health_service) = tonic_health::server::health_reporter();
     let slot = EngineSlot::new(health);
-    slot.set_not_serving().await;
+    slot.report().await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(distillery_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -303,11 +306,7 @@ pub async fn serve(
     let teacher = TeacherServiceServer::new(TeacherServer { slot: slot.clone() })
         .max_decoding_message_size(opts.max_message_bytes)
         .max_encoding_message_size(opts.max_message_bytes);
-    let token = opts.auth_token.clone();
-    let auth = move |req: Request<()>| match &token {
-        Some(t) => check_bearer(t, &req).map(|()| req),
-        None => Ok(req),
-    };
+    let auth = distillery_proto::auth::BearerAuth::new(opts.auth_token.as_deref());
     let router = tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(reflection)

@@ -19,10 +19,10 @@ use std::time::Duration;
 use candle_core::Device;
 use distillery_data::FaceRecord;
 use distillery_models::teacher::TeacherInfo;
+use distillery_proto::auth::AttachBearer;
 use distillery_proto::v1;
 use distillery_proto::v1::coordinator_service_client::CoordinatorServiceClient;
 use tokio::sync::watch;
-use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 
@@ -118,8 +118,7 @@ pub async fn spawn_worker(cfg: WorkerConfig, storage: Arc<dyn ShardStorage>) -> 
         None => None,
     };
     let addr = server.addr;
-    let worker_id =
-        cfg.worker_id.clone().unwrap_or_else(|| format!("worker-{}-{}", std::process::id(), addr.port()));
+    let worker_id = cfg.worker_id.clone().unwrap_or_else(|| default_worker_id(addr.port()));
     let advertise = cfg.advertise.clone().unwrap_or_else(|| addr.to_string());
     let worker = Worker {
         device_name: cfg.device.trim().to_ascii_lowercase(),
@@ -146,23 +145,35 @@ pub async fn spawn_worker(cfg: WorkerConfig, storage: Arc<dyn ShardStorage>) -> 
     Ok(RunningWorker { addr, metrics_addr, worker_id, metrics, handle, stop })
 }
 
-/// Adds `authorization: Bearer <token>` to coordinator calls.
-#[derive(Clone)]
-struct Bearer(Option<MetadataValue<Ascii>>);
-
-impl tonic::service::Interceptor for Bearer {
-    fn call(
-        &mut self,
-        mut req: tonic::Request<()>,
-    ) -> std::result::Result<tonic::Request<()>, tonic::Status> {
-        if let Some(v) = &self.0 {
-            req.metadata_mut().insert("authorization", v.clone());
-        }
-        Ok(req)
-    }
+/// The id of a worker started without one: `worker-<host>-<pid>-<port>`. The host name keeps ids
+/// apart where PIDs and ports repeat (every pod of a Deployment is PID 1 on the same port).
+pub fn default_worker_id(port: u16) -> String {
+    worker_id_for(host_name().as_deref(), std::process::id(), port)
 }
 
-type Client = CoordinatorServiceClient<InterceptedService<Channel, Bearer>>;
+/// The host name: `/proc/sys/kernel/hostname`, else `$HOSTNAME`, else none.
+pub fn host_name() -> Option<String> {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+}
+
+/// `worker-<host>-<pid>-<port>`, with characters outside `[A-Za-z0-9._:-]` of the host replaced by
+/// `-` and the host shortened so the id stays within the 128 characters of a valid worker id.
+pub fn worker_id_for(host: Option<&str>, pid: u32, port: u16) -> String {
+    let tail = format!("-{pid}-{port}");
+    let host: String = host
+        .unwrap_or("unknown-host")
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() || "._:-".contains(c) { c } else { '-' })
+        .take(128 - "worker-".len() - tail.len())
+        .collect();
+    format!("worker-{host}{tail}")
+}
+
+type Client = CoordinatorServiceClient<InterceptedService<Channel, AttachBearer>>;
 
 struct Session {
     client: Client,
@@ -246,6 +257,8 @@ impl Worker {
                         tracing::info!(worker = %self.id, coordinator = %self.cfg.coordinator, "registered");
                         session = Some(s);
                         backoff.reset();
+                        // Ready for work: a generic worker is healthy before its first lease.
+                        self.slot.set_accepting_work(true).await;
                     }
                     Err(e) => {
                         self.metrics.error(error_kind::COORDINATOR);
@@ -264,6 +277,7 @@ impl Worker {
                     self.metrics.error(error_kind::COORDINATOR);
                     tracing::warn!(%status, "LeaseShard failed; registering again");
                     session = None;
+                    self.slot.set_accepting_work(false).await;
                     if !self.pause(backoff.step()).await {
                         break;
                     }
@@ -285,6 +299,7 @@ impl Worker {
                     None => {
                         tracing::warn!("LeaseShard answered neither a lease nor no-work; registering again");
                         session = None;
+                        self.slot.set_accepting_work(false).await;
                         if !self.pause(backoff.step()).await {
                             break;
                         }
@@ -292,6 +307,7 @@ impl Worker {
                 },
             }
         }
+        self.slot.set_accepting_work(false).await;
         tracing::info!(worker = %self.id, "worker stopped");
         Ok(())
     }
@@ -304,15 +320,9 @@ impl Worker {
             what: format!("connecting to {}", self.cfg.coordinator),
             reason: e.to_string(),
         })?;
-        let bearer = match &self.cfg.auth_token {
-            Some(t) => Some(
-                format!("Bearer {t}")
-                    .parse::<MetadataValue<Ascii>>()
-                    .map_err(|e| Error::config("auth_token", e.to_string()))?,
-            ),
-            None => None,
-        };
-        let mut client = CoordinatorServiceClient::with_interceptor(channel, Bearer(bearer))
+        let bearer = AttachBearer::new(self.cfg.auth_token.as_deref(), "auth_token")
+            .map_err(|e| Error::config("auth_token", e))?;
+        let mut client = CoordinatorServiceClient::with_interceptor(channel, bearer)
             .max_decoding_message_size(self.cfg.max_message_bytes)
             .max_encoding_message_size(self.cfg.max_message_bytes);
         let (name, fingerprint, max_batch) = match &self.loaded {
@@ -562,5 +572,44 @@ pub fn spec_of_lease(lease: &v1::ShardLease) -> Result<TeacherSpec> {
         v1::TeacherKind::Onnx => Ok(TeacherSpec::Onnx(t.config_path.clone().into())),
         v1::TeacherKind::Student => Ok(TeacherSpec::Student(t.config_path.clone().into())),
         v1::TeacherKind::Unspecified => Err(Error::config("lease.teacher.kind", "is unspecified")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::valid_worker_id;
+
+    #[test]
+    fn the_default_worker_id_names_the_host() {
+        let id = worker_id_for(Some("teacher-worker-7d9f8-x2x4q"), 1, 50052);
+        assert_eq!(id, "worker-teacher-worker-7d9f8-x2x4q-1-50052");
+        // Two pods: same PID and port, different host names, different ids.
+        assert_ne!(id, worker_id_for(Some("teacher-worker-7d9f8-k8zzm"), 1, 50052));
+        // Odd characters are replaced and long names shortened: the id stays valid.
+        let id = worker_id_for(Some("a b/c"), 7, 1);
+        assert_eq!(id, "worker-a-b-c-7-1");
+        let long = "h".repeat(300);
+        let id = worker_id_for(Some(&long), u32::MAX, u16::MAX);
+        assert!(valid_worker_id(&id), "{id}");
+        assert!(id.ends_with(&format!("-{}-{}", u32::MAX, u16::MAX)), "{id}");
+        assert!(valid_worker_id(&worker_id_for(None, 1, 2)));
+    }
+
+    #[test]
+    fn the_default_worker_id_of_this_process_includes_its_host_name() {
+        let id = default_worker_id(50061);
+        assert!(valid_worker_id(&id), "{id}");
+        assert!(id.ends_with(&format!("-{}-50061", std::process::id())), "{id}");
+        // Where the kernel reports a host name (Linux), the id carries it.
+        if let Ok(h) = std::fs::read_to_string("/proc/sys/kernel/hostname") {
+            let h = h.trim();
+            assert!(!h.is_empty());
+            assert_eq!(host_name().as_deref(), Some(h));
+            assert_eq!(id, worker_id_for(Some(h), std::process::id(), 50061));
+            if h.bytes().all(|b| b.is_ascii_alphanumeric() || b"._:-".contains(&b)) {
+                assert!(id.starts_with(&format!("worker-{h}-")), "{id}");
+            }
+        }
     }
 }

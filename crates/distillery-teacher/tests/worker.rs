@@ -13,14 +13,19 @@ use distillery_models::teacher::TeacherInfo;
 use distillery_proto::v1;
 use distillery_proto::v1::coordinator_service_server::{CoordinatorService, CoordinatorServiceServer};
 use distillery_teacher::pipeline::{MemorySink, RowSink};
+use distillery_teacher::service::SERVICE_NAME;
 use distillery_teacher::{ShardStorage, WorkerConfig, spawn_worker};
 use tokio::sync::{Semaphore, oneshot, watch};
 use tonic::{Request, Response, Status};
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
 
 #[derive(Default)]
 struct State {
     pending: VecDeque<v1::ShardRange>,
     session: u64,
+    /// RegisterWorker calls received, answered or not.
+    register_calls: u32,
     registrations: u32,
     leases_granted: u32,
     heartbeats: u32,
@@ -33,6 +38,8 @@ struct Fake {
     state: Arc<Mutex<State>>,
     changed: watch::Sender<u64>,
     views: u32,
+    /// When set, RegisterWorker waits for a permit before answering.
+    register_gate: Option<Arc<Semaphore>>,
 }
 
 impl Fake {
@@ -44,6 +51,7 @@ impl Fake {
             state: Arc::new(Mutex::new(State { pending, ..Default::default() })),
             changed: watch::channel(0).0,
             views,
+            register_gate: None,
         }
     }
 
@@ -95,7 +103,16 @@ impl CoordinatorService for Fake {
     }
     async fn register_worker(&self, r: Request<v1::RegisterWorkerRequest>) -> R<v1::RegisterWorkerResponse> {
         let r = r.into_inner();
-        assert!(!r.teacher_fingerprint.is_empty() && r.teacher_name.starts_with("tiny"), "{r:?}");
+        // A pinned worker names its teacher; a generic one names none.
+        let generic = r.teacher_name.is_empty() && r.teacher_fingerprint.is_empty();
+        assert!(
+            generic || (!r.teacher_fingerprint.is_empty() && r.teacher_name.starts_with("tiny")),
+            "{r:?}"
+        );
+        self.update(|s| s.register_calls += 1);
+        if let Some(g) = &self.register_gate {
+            let _permit = g.acquire().await.unwrap();
+        }
         let session = self.update(|s| {
             s.registrations += 1;
             s.session = next_session();
@@ -290,6 +307,71 @@ async fn a_restarted_coordinator_gets_a_new_registration() {
     second.until("both shards after the restart", |s| s.completed.len() == 2).await;
     assert!(second.state.lock().unwrap().registrations >= 1);
     assert!(w.metrics.errors(distillery_teacher::metrics::error_kind::COORDINATOR) >= 1);
+    w.stop().await.unwrap();
+}
+
+/// Health of the worker as a whole (`""`, what Kubernetes probes ask) and of `TeacherService`.
+async fn health(addr: SocketAddr, service: &str) -> ServingStatus {
+    let ch =
+        tonic::transport::Channel::from_shared(format!("http://{addr}")).unwrap().connect().await.unwrap();
+    HealthClient::new(ch)
+        .check(tonic_health::pb::HealthCheckRequest { service: service.into() })
+        .await
+        .unwrap()
+        .into_inner()
+        .status()
+}
+
+/// Follows the health of `service` (Health/Watch) until it reports `want`.
+async fn until_health(addr: SocketAddr, service: &str, want: ServingStatus) {
+    let ch =
+        tonic::transport::Channel::from_shared(format!("http://{addr}")).unwrap().connect().await.unwrap();
+    let mut updates = HealthClient::new(ch)
+        .watch(tonic_health::pb::HealthCheckRequest { service: service.into() })
+        .await
+        .unwrap()
+        .into_inner();
+    let wait = async {
+        while let Some(u) = updates.message().await.unwrap() {
+            if u.status() == want {
+                return;
+            }
+        }
+        panic!("health stream of {service:?} ended before {want:?}");
+    };
+    tokio::time::timeout(Duration::from_secs(60), wait)
+        .await
+        .unwrap_or_else(|_| panic!("timed out waiting for {service:?} to be {want:?}"));
+}
+
+/// A worker without `--teacher` is ready (health `""` SERVING) as soon as it is registered and can
+/// take work, with no teacher loaded and no lease yet; it is not ready before, nor once it lost the
+/// coordinator. `TeacherService` itself is NOT_SERVING while no teacher is loaded.
+#[tokio::test]
+async fn a_generic_worker_is_serving_once_registered() {
+    let gate = Arc::new(Semaphore::new(0));
+    let fake = Fake { register_gate: Some(gate.clone()), ..Fake::new(0, 1, 0) };
+    let (addr, stop, task) = start_fake(fake.clone(), SocketAddr::from(([127, 0, 0, 1], 0))).await;
+    let cfg = WorkerConfig { teacher: None, ..config(addr) };
+    let w = spawn_worker(cfg, Arc::new(MemStorage::default())).await.unwrap();
+
+    // Registration asked for but not answered yet: not ready.
+    fake.until("a RegisterWorker call", |s| s.register_calls >= 1).await;
+    assert_eq!(health(w.addr, "").await, ServingStatus::NotServing);
+
+    gate.add_permits(100);
+    until_health(w.addr, "", ServingStatus::Serving).await;
+    assert_eq!(health(w.addr, SERVICE_NAME).await, ServingStatus::NotServing, "no teacher is loaded");
+    {
+        let s = fake.state.lock().unwrap();
+        assert_eq!(s.registrations, 1);
+        assert_eq!(s.leases_granted, 0, "ready without any lease");
+    }
+
+    // The coordinator goes away: the worker cannot take work any more.
+    stop.send(()).unwrap();
+    task.await.unwrap();
+    until_health(w.addr, "", ServingStatus::NotServing).await;
     w.stop().await.unwrap();
 }
 

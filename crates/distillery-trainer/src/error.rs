@@ -26,6 +26,9 @@ pub enum Error {
     /// The run was cancelled on request.
     #[error("cancelled")]
     Cancelled,
+    /// The trainer's gRPC server or a connection to one failed.
+    #[error("trainer server: {0}")]
+    Server(String),
     #[error(transparent)]
     Core(#[from] distillery_core::Error),
 }

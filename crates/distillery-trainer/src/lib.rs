@@ -5,7 +5,8 @@
 //! (the teacher-cache stream in production, in-memory batches in tests), optimises the student with
 //! AdamW ([`optim`]) on the distillation objective, and checkpoints everything needed to resume a
 //! run bit-for-bit ([`checkpoint`]). [`eval`] scores students and teachers alike on a split with the
-//! metrics in [`metrics`]; [`plots`] draws training curves and evaluation figures.
+//! metrics in [`metrics`]; [`plots`] draws training curves and evaluation figures. [`service`] is
+//! the `TrainerService` that queues runs, and [`server`] serves it (`distillery serve trainer`).
 
 pub mod checkpoint;
 pub mod config;
@@ -18,6 +19,7 @@ pub mod optim;
 pub mod plots;
 pub mod registry;
 pub mod run;
+pub mod server;
 pub mod service;
 pub mod source;
 pub mod train;

@@ -4,7 +4,10 @@
 //!
 //! Each run lives in `<state_dir>/runs/<run_id>/` (the usual run directory). A run that was pending
 //! or running when the service stopped is reported as failed after a restart; its directory keeps
-//! the last checkpoint, from which `distillery train --resume` continues.
+//! the last checkpoint, from which `distillery train --resume` continues. [`Trainer::stop`] (a
+//! graceful shutdown) has running runs write a checkpoint and records them failed the same way.
+//!
+//! The network side (health, reflection, auth, configuration) is in [`crate::server`].
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -18,7 +21,7 @@ use distillery_core::RunId;
 use distillery_proto::v1;
 use distillery_proto::v1::trainer_service_server::{TrainerService, TrainerServiceServer};
 use futures::Stream;
-use tokio::sync::{Semaphore, broadcast};
+use tokio::sync::{Semaphore, broadcast, watch};
 use tonic::{Request, Response, Status};
 
 use crate::config::TrainConfig;
@@ -59,6 +62,29 @@ struct Inner {
     registry: Registry,
     /// Serialises registry appends (Lance commits of one writer).
     registry_lock: tokio::sync::Mutex<()>,
+    /// Turns true when the service stops: no run starts, running runs stop, watchers end.
+    stopping: watch::Sender<bool>,
+    /// Runs that started and have not recorded their end yet.
+    active: watch::Sender<usize>,
+}
+
+/// Why a run that was cut short by a stop (or a crash) of the service failed.
+pub const INTERRUPTED: &str = "the trainer stopped during this run; resume it from its run directory";
+
+/// Counts a started run in `active` until dropped.
+struct Active(watch::Sender<usize>);
+
+impl Active {
+    fn start(active: &watch::Sender<usize>) -> Self {
+        active.send_modify(|n| *n += 1);
+        Self(active.clone())
+    }
+}
+
+impl Drop for Active {
+    fn drop(&mut self) {
+        self.0.send_modify(|n| *n -= 1);
+    }
 }
 
 /// The trainer service; cheap to clone.
@@ -173,7 +199,7 @@ impl Trainer {
         for mut r in registry.latest().await? {
             if !is_terminal(state_of(&r.state) as i32) {
                 r.state = "failed".into();
-                r.error = "the trainer stopped during this run; resume it from its run directory".into();
+                r.error = INTERRUPTED.into();
                 r.updated_at_ms = now_ms();
                 interrupted.push(r.clone());
             }
@@ -192,8 +218,30 @@ impl Trainer {
                 slots,
                 registry,
                 registry_lock: tokio::sync::Mutex::new(()),
+                stopping: watch::channel(false).0,
+                active: watch::channel(0).0,
             }),
         })
+    }
+
+    /// True once [`Trainer::stop`] was called.
+    pub fn is_stopping(&self) -> bool {
+        *self.inner.stopping.borrow()
+    }
+
+    /// Stops the service's work for a shutdown: refuses new runs, ends open `WatchRun` streams
+    /// with `UNAVAILABLE`, keeps queued runs from starting (they stay pending, and are reported
+    /// failed after a restart), and has running runs write a checkpoint and stop; they are
+    /// recorded failed with [`INTERRUPTED`]. Returns once every started run has been recorded.
+    pub async fn stop(&self) {
+        self.inner.stopping.send_replace(true);
+        for e in self.inner.runs.lock().expect("runs lock").values() {
+            if !is_terminal(e.run.state) {
+                e.cancel.store(true, Ordering::SeqCst);
+            }
+        }
+        let mut active = self.inner.active.subscribe();
+        let _ = active.wait_for(|n| *n == 0).await;
     }
 
     /// The tonic service.
@@ -311,7 +359,9 @@ impl Trainer {
 
     async fn execute(self, id: String, cfg: TrainConfig, run_dir: PathBuf, cancel: Arc<AtomicBool>) {
         let Ok(_permit) = self.inner.slots.clone().acquire_owned().await else { return };
-        if cancel.load(Ordering::Relaxed) {
+        // Counted before the check, so that `stop` either waits for this run or keeps it from starting.
+        let _active = Active::start(&self.inner.active);
+        if cancel.load(Ordering::SeqCst) || self.is_stopping() {
             return;
         }
         self.set_state(&id, v1::RunState::Running, "");
@@ -357,7 +407,13 @@ impl Trainer {
             }
             Err(Error::Cancelled) => {
                 let reason = self.inner.runs.lock().expect("runs lock").get(&id).map(|e| e.run.error.clone());
-                self.set_state(&id, v1::RunState::Cancelled, &reason.unwrap_or_default())
+                let reason = reason.unwrap_or_default();
+                if reason.is_empty() && self.is_stopping() {
+                    // Stopped by a shutdown, not by a client: resumable, like after a crash.
+                    self.set_state(&id, v1::RunState::Failed, INTERRUPTED)
+                } else {
+                    self.set_state(&id, v1::RunState::Cancelled, &reason)
+                }
             }
             Err(e) => {
                 tracing::warn!(run = %id, error = %e, "run failed");
@@ -395,6 +451,9 @@ impl TrainerService for Trainer {
         &self,
         req: Request<v1::SubmitRunRequest>,
     ) -> std::result::Result<Response<v1::Run>, Status> {
+        if self.is_stopping() {
+            return Err(Status::unavailable("the trainer is shutting down"));
+        }
         let r = req.into_inner();
         self.submit(&r.config_toml, &r.overrides).await.map(Response::new).map_err(status_of)
     }
@@ -413,6 +472,7 @@ impl TrainerService for Trainer {
             (e.events.subscribe(), e.run.clone())
         };
         let done = is_terminal(snapshot.state);
+        let mut stopping = self.inner.stopping.subscribe();
         let stream = async_stream(move |tx| async move {
             let first = v1::RunEvent {
                 kind: v1::RunEventKind::Snapshot as i32,
@@ -426,7 +486,14 @@ impl TrainerService for Trainer {
                 return;
             }
             loop {
-                match rx.recv().await {
+                let next = tokio::select! {
+                    next = rx.recv() => next,
+                    () = async { let _ = stopping.wait_for(|s| *s).await; } => {
+                        let _ = tx.send(Err(Status::unavailable("the trainer is shutting down"))).await;
+                        return;
+                    }
+                };
+                match next {
                     Ok(ev) => {
                         let end = ev.run.as_ref().is_some_and(|r| is_terminal(r.state));
                         if tx.send(Ok(ev)).await.is_err() || end {

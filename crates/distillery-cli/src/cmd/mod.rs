@@ -10,4 +10,5 @@ pub mod predict;
 pub mod quickstart;
 pub mod serve_coordinator;
 pub mod serve_teacher;
+pub mod serve_trainer;
 pub mod train;

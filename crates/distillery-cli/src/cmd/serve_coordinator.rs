@@ -26,7 +26,8 @@ pub struct ServeCoordinatorArgs {
     /// Failed attempts after which a shard is poisoned.
     #[arg(long)]
     pub max_attempts: Option<u32>,
-    /// Require `authorization: Bearer <token>` on every call.
+    /// Require `authorization: Bearer <token>` on every CoordinatorService call (health and
+    /// reflection stay open for probes).
     #[arg(long, env = "DISTILLERY_AUTH_TOKEN", hide_env_values = true)]
     pub auth_token: Option<String>,
     /// PEM certificate for TLS (with --tls-key).

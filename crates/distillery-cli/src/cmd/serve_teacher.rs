@@ -47,8 +47,8 @@ pub struct ServeTeacherArgs {
     /// Bearer token required by this worker's TeacherService and sent to the coordinator.
     #[arg(long, env = "DISTILLERY_AUTH_TOKEN", hide_env_values = true)]
     pub auth_token: Option<String>,
-    /// Stable worker id.
-    #[arg(long)]
+    /// Stable, unique worker id (1-128 of [A-Za-z0-9._:-]); default worker-<host>-<pid>-<port>.
+    #[arg(long, env = "DISTILLERY_WORKER_ID", value_name = "ID")]
     pub worker_id: Option<String>,
     /// On shutdown, how long the current shard may take before its lease is released (ms).
     #[arg(long)]
@@ -135,5 +135,16 @@ mod tests {
         assert_eq!((cfg.coordinator.as_str(), cfg.max_batch), ("http://c:1", 16));
         let args = ServeTeacherArgs { config: Some(p), device: Some("tpu".into()), ..Default::default() };
         assert!(args.to_config().unwrap_err().to_string().contains("`device`"));
+    }
+
+    /// The manifests set `DISTILLERY_WORKER_ID` from the pod name; the flag must read it.
+    #[test]
+    fn worker_id_comes_from_the_environment_too() {
+        use clap::Args;
+        let cmd = ServeTeacherArgs::augment_args(clap::Command::new("teacher"));
+        let arg = cmd.get_arguments().find(|a| a.get_id() == "worker_id").expect("--worker-id");
+        assert_eq!(arg.get_env().and_then(|e| e.to_str()), Some("DISTILLERY_WORKER_ID"));
+        let m = cmd.try_get_matches_from(["teacher", "--worker-id", "teacher-worker-0"]).unwrap();
+        assert_eq!(m.get_one::<String>("worker_id").map(String::as_str), Some("teacher-worker-0"));
     }
 }

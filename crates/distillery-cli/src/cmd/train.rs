@@ -9,7 +9,6 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context;
-use distillery_proto::v1::trainer_service_client::TrainerServiceClient;
 use distillery_proto::v1::{RunEventKind, RunState, SubmitRunRequest, WatchRunRequest};
 use distillery_trainer::TrainConfig;
 use distillery_trainer::run::{RunOptions, run as run_training};
@@ -43,6 +42,9 @@ pub struct TrainArgs {
     /// Submit the run to this trainer service (e.g. http://host:50053) instead of training here.
     #[arg(long, value_name = "URL")]
     pub trainer: Option<String>,
+    /// Bearer token sent to the trainer service (with --trainer).
+    #[arg(long, env = "DISTILLERY_AUTH_TOKEN", hide_env_values = true)]
+    pub auth_token: Option<String>,
     /// Do not draw a progress bar.
     #[arg(long)]
     pub no_progress: bool,
@@ -71,7 +73,7 @@ pub async fn run(args: TrainArgs) -> anyhow::Result<()> {
     let overrides = args.overrides();
     let cfg = TrainConfig::load(args.config.as_deref(), &overrides)?;
     if let Some(url) = &args.trainer {
-        return submit(url, &cfg).await;
+        return submit(url, args.auth_token.as_deref(), &cfg).await;
     }
     let out = args.out.clone().context("--out RUN_DIR is required when training locally")?;
     let mut opts = RunOptions::new(&out);
@@ -105,8 +107,8 @@ pub async fn run(args: TrainArgs) -> anyhow::Result<()> {
 }
 
 /// Submits the run to a trainer service and follows it until it ends.
-async fn submit(url: &str, cfg: &TrainConfig) -> anyhow::Result<()> {
-    let mut client = TrainerServiceClient::connect(url.to_string())
+async fn submit(url: &str, token: Option<&str>, cfg: &TrainConfig) -> anyhow::Result<()> {
+    let mut client = distillery_trainer::server::connect(url, token)
         .await
         .with_context(|| format!("connecting to trainer {url}"))?;
     let run = client
