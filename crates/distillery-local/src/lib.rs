@@ -5,10 +5,12 @@
 
 pub mod cluster;
 pub mod error;
+pub mod experiment;
 pub mod label;
 pub mod quickstart;
 
 pub use cluster::{LocalCluster, LocalClusterConfig};
 pub use error::{Error, Result};
-pub use label::{JobProgress, LabelRequest, submit_and_wait};
+pub use experiment::{ExperimentOptions, ExperimentReport, distillation_experiment};
+pub use label::{JobProgress, LabelRequest, Reconnect, submit_and_wait, submit_and_wait_with};
 pub use quickstart::{QuickstartOptions, QuickstartSummary, quickstart};

@@ -105,7 +105,7 @@ pub struct QuickstartSummary {
     pub seconds: f64,
 }
 
-fn base_config(plan: &Plan, faces: &str, seed: u64) -> TrainConfig {
+pub(crate) fn base_config(side: u32, faces: &str, seed: u64) -> TrainConfig {
     let mut c = TrainConfig { seed, ..TrainConfig::default() };
     c.data.faces = Some(faces.to_owned());
     c.data.train_split = "train".into();
@@ -113,7 +113,7 @@ fn base_config(plan: &Plan, faces: &str, seed: u64) -> TrainConfig {
     c.data.batch_size = 64;
     c.data.workers = 2;
     c.data.shuffle_buffer = 1024;
-    c.student.spec = format!("tiny@{}", plan.side);
+    c.student.spec = format!("tiny@{side}");
     c.student.num_classes = 8;
     c.loss.temperature = 4.0;
     c.loss.margin = 0.05;
@@ -136,61 +136,30 @@ pub async fn quickstart(opts: &QuickstartOptions, mut stage: impl FnMut(&str)) -
     let cache_uri = dir.join("cache.lance").to_string_lossy().into_owned();
 
     stage(&format!("synthesising {} faces at {}px", plan.faces, plan.side));
-    let faces = synthesise(&faces_uri, &plan, opts.seed).await?;
+    let faces = synthesise(&faces_uri, plan.faces, plan.side, opts.seed).await?;
 
     stage("training the teacher (supervised, every label)");
-    let mut tcfg = base_config(&plan, &faces_uri, opts.seed + 1);
-    tcfg.loss.alpha = 0.0;
-    tcfg.loss.nu = 0.0;
-    tcfg.data.labelled_fraction = 1.0;
-    tcfg.optim.steps = Some(plan.teacher_steps);
+    let tcfg = teacher_config(plan.side, &faces_uri, opts.seed + 1, plan.teacher_steps);
     let teacher_dir = dir.join("teacher");
     train(&tcfg, &teacher_dir).await?;
 
     stage(&format!("labelling with {} teacher workers over gRPC on loopback", opts.workers));
-    let mut ccfg = LocalClusterConfig::new(dir.join("coordinator"), opts.workers);
-    ccfg.decode_threads = 1;
-    let cluster = LocalCluster::start(&ccfg).await?;
-    let req = LabelRequest {
-        faces_uri: faces_uri.clone(),
-        cache_uri: cache_uri.clone(),
-        teacher: TeacherSpec::Student(teacher_dir.clone()),
-        views: plan.views,
-        shard_size: 256,
-        view_seed: opts.seed,
-        storage_options: Default::default(),
-    };
-    let job = submit_and_wait(&cluster.endpoint(), None, &req, |p| {
-        tracing::debug!(done = p.images_done, total = p.images_total, "labelling")
-    })
-    .await;
-    cluster.shutdown().await?;
-    let job = job?;
-    if !job.poisoned.is_empty() {
-        return Err(step("labelling", format!("{} shards failed: {:?}", job.poisoned.len(), job.poisoned)));
-    }
+    label_locally(dir, &faces_uri, &cache_uri, &teacher_dir, plan.views, opts.workers, opts.seed).await?;
 
     stage("distilling the student (KD + teacher-bounded regression)");
-    let mut kcfg = base_config(&plan, &faces_uri, opts.seed + 2);
-    kcfg.data.cache = Some(cache_uri.clone());
-    kcfg.data.views = if plan.views > 0 {
-        distillery_trainer::config::ViewsMode::Random
-    } else {
-        distillery_trainer::config::ViewsMode::Plain
-    };
-    kcfg.data.labelled_fraction = plan.labelled_fraction;
-    kcfg.loss.alpha = 0.9;
-    kcfg.loss.nu = 0.5;
-    kcfg.optim.steps = Some(plan.student_steps);
+    let (kcfg, bcfg) = student_configs(
+        plan.side,
+        &faces_uri,
+        &cache_uri,
+        opts.seed + 2,
+        plan.labelled_fraction,
+        plan.views,
+        plan.student_steps,
+    );
     let kd_dir = dir.join("student-kd");
     train(&kcfg, &kd_dir).await?;
 
     stage("training the baseline student (no teacher)");
-    let mut bcfg = kcfg.clone();
-    bcfg.data.cache = None;
-    bcfg.data.views = distillery_trainer::config::ViewsMode::Plain;
-    bcfg.loss.alpha = 0.0;
-    bcfg.loss.nu = 0.0;
     let base_dir = dir.join("student-baseline");
     train(&bcfg, &base_dir).await?;
 
@@ -232,12 +201,84 @@ pub async fn quickstart(opts: &QuickstartOptions, mut stage: impl FnMut(&str)) -
     Ok(summary)
 }
 
-fn step(what: &str, reason: impl Into<String>) -> Error {
+/// The teacher's configuration: plain supervised training (α = 0, ν = 0) on every label.
+pub(crate) fn teacher_config(side: u32, faces: &str, seed: u64, steps: u64) -> TrainConfig {
+    let mut c = base_config(side, faces, seed);
+    c.loss.alpha = 0.0;
+    c.loss.nu = 0.0;
+    c.data.labelled_fraction = 1.0;
+    c.optim.steps = Some(steps);
+    c
+}
+
+/// The distilled student's configuration (KD + teacher-bounded regression from the cache, labels
+/// on `labelled_fraction` of the faces) and the baseline's (the same without the teacher).
+pub(crate) fn student_configs(
+    side: u32,
+    faces: &str,
+    cache: &str,
+    seed: u64,
+    labelled_fraction: f64,
+    views: u32,
+    steps: u64,
+) -> (TrainConfig, TrainConfig) {
+    use distillery_trainer::config::ViewsMode;
+    let mut kd = base_config(side, faces, seed);
+    kd.data.cache = Some(cache.to_owned());
+    kd.data.views = if views > 0 { ViewsMode::Random } else { ViewsMode::Plain };
+    kd.data.labelled_fraction = labelled_fraction;
+    kd.loss.alpha = 0.9;
+    kd.loss.nu = 0.5;
+    kd.optim.steps = Some(steps);
+    let mut base = kd.clone();
+    base.data.cache = None;
+    base.data.views = ViewsMode::Plain;
+    base.loss.alpha = 0.0;
+    base.loss.nu = 0.0;
+    (kd, base)
+}
+
+/// Labels `faces_uri` into `cache_uri` with the student in `teacher_dir` as the teacher, through a
+/// coordinator and `workers` teacher workers started as gRPC servers on loopback.
+pub(crate) async fn label_locally(
+    dir: &Path,
+    faces_uri: &str,
+    cache_uri: &str,
+    teacher_dir: &Path,
+    views: u32,
+    workers: usize,
+    seed: u64,
+) -> Result<()> {
+    let mut ccfg = LocalClusterConfig::new(dir.join("coordinator"), workers);
+    ccfg.decode_threads = 1;
+    let cluster = LocalCluster::start(&ccfg).await?;
+    let req = LabelRequest {
+        faces_uri: faces_uri.to_owned(),
+        cache_uri: cache_uri.to_owned(),
+        teacher: TeacherSpec::Student(teacher_dir.to_path_buf()),
+        views,
+        shard_size: 256,
+        view_seed: seed,
+        storage_options: Default::default(),
+    };
+    let job = submit_and_wait(&cluster.endpoint(), None, &req, |p| {
+        tracing::debug!(done = p.images_done, total = p.images_total, "labelling")
+    })
+    .await;
+    cluster.shutdown().await?;
+    let job = job?;
+    if !job.poisoned.is_empty() {
+        return Err(step("labelling", format!("{} shards failed: {:?}", job.poisoned.len(), job.poisoned)));
+    }
+    Ok(())
+}
+
+pub(crate) fn step(what: &str, reason: impl Into<String>) -> Error {
     Error::Step { what: what.to_owned(), reason: reason.into() }
 }
 
-async fn synthesise(uri: &str, plan: &Plan, seed: u64) -> Result<u64> {
-    let cfg = SynthConfig { count: plan.faces, size: plan.side, seed, ..SynthConfig::default() };
+pub(crate) async fn synthesise(uri: &str, count: u64, side: u32, seed: u64) -> Result<u64> {
+    let cfg = SynthConfig { count, size: side, seed, ..SynthConfig::default() };
     let mut store = FaceStore::create_or_open(uri).await?;
     let mut start = 0;
     while start < cfg.count {
@@ -252,7 +293,7 @@ async fn synthesise(uri: &str, plan: &Plan, seed: u64) -> Result<u64> {
     Ok(store.count().await?)
 }
 
-async fn train(cfg: &TrainConfig, run_dir: &Path) -> Result<RunReport> {
+pub(crate) async fn train(cfg: &TrainConfig, run_dir: &Path) -> Result<RunReport> {
     let mut opts = RunOptions::new(run_dir);
     opts.resume = run_dir.join("report.json").is_file();
     Ok(distillery_trainer::run::run(cfg, opts).await?)
