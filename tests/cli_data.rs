@@ -193,6 +193,31 @@ fn label_locally_then_inspect_compact_and_clean_the_cache() {
         path_str(&teacher),
         "--no-progress",
     ]);
+    // The student answers `predict` one JSON line per input, in input order.
+    let img = dir.path().join("face.png");
+    std::fs::write(&img, png(16, 3)).unwrap();
+    let other = dir.path().join("other.png");
+    std::fs::write(&other, png(40, 9)).unwrap();
+    let lines = run_ok(&[
+        "predict",
+        "--model",
+        path_str(&teacher),
+        "--image",
+        path_str(&img),
+        "--image",
+        path_str(&other),
+        "--format",
+        "jsonl",
+    ]);
+    let preds: Vec<Value> = lines.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(preds.len(), 2, "{lines}");
+    for p in &preds {
+        assert_eq!(p["logits"].as_array().unwrap().len(), 8, "{p}");
+        let total: f64 = p["probs"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).sum();
+        assert!((total - 1.0).abs() < 1e-4, "{p}");
+        assert_eq!(p["classes"].as_array().unwrap().len(), 8, "{p}");
+        assert!(p["valence"].is_number() && p["arousal"].is_number(), "{p}");
+    }
     let label = |views: &str| {
         run_json(&[
             "label",
@@ -271,5 +296,31 @@ fn models_lists_the_zoo_with_computed_costs() {
     assert!((gmacs - 0.30).abs() < 0.01, "MobileNetV2 {gmacs} GMACs");
     for r in rows {
         assert!(r["parameters"].as_u64().unwrap() > 0 && r["macs"].as_u64().unwrap() > 0, "{r}");
+    }
+}
+
+#[test]
+fn predict_with_the_onnx_teacher_matches_onnxruntime() {
+    let Some(reference) = distillery_core::reference::require("predict_with_the_onnx_teacher") else {
+        return;
+    };
+    let teacher =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs/teachers/faceapi.toml");
+    let npy = reference.join("faces/faceapi_inputs_112.npy");
+    let lines =
+        run_ok(&["predict", "--teacher", path_str(&teacher), "--npy", path_str(&npy), "--format", "jsonl"]);
+    let meta: Value =
+        serde_json::from_str(&std::fs::read_to_string(reference.join("faces/faces.json")).unwrap()).unwrap();
+    let faces = meta["faces"].as_array().unwrap();
+    let preds: Vec<Value> = lines.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(preds.len(), faces.len());
+    for (p, f) in preds.iter().zip(faces) {
+        assert!(p["valence"].is_null(), "face-api has no valence: {p}");
+        let ours = p["probs"].as_array().unwrap();
+        let ort = f["faceapi_onnxruntime_probs"].as_array().unwrap();
+        for (a, b) in ours.iter().zip(ort) {
+            let d = (a.as_f64().unwrap() - b.as_f64().unwrap()).abs();
+            assert!(d < 1e-4, "{}: {a} vs onnxruntime {b}", f["id"]);
+        }
     }
 }

@@ -65,8 +65,8 @@ impl Plan {
             Plan {
                 faces: 6000,
                 side: 48,
-                teacher_steps: 1500,
-                student_steps: 800,
+                teacher_steps: 1200,
+                student_steps: 600,
                 labelled_fraction: 0.1,
                 views: 2,
             }
