@@ -12,7 +12,6 @@ use std::path::{Path, PathBuf};
 use common::*;
 use distillery_cache::TeacherCache;
 use distillery_core::{FaceId, TeacherFingerprint};
-use serde_json::Value;
 
 fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().unwrap()
@@ -25,20 +24,10 @@ fn argmax(v: &[f64]) -> usize {
 #[test]
 fn faceapi_teacher_labels_the_real_photos_through_the_pipeline() {
     let Some(reference) = distillery_core::reference::require("faceapi example") else { return };
-    let meta: Value =
-        serde_json::from_str(&std::fs::read_to_string(reference.join("faces/faces.json")).unwrap()).unwrap();
-    let faces_meta = meta["faces"].as_array().unwrap();
-
     let dir = tempdir();
     // 1. A manifest of the photos with their face boxes.
-    let mut csv = String::from("path,x,y,w,h,split\n");
-    for f in faces_meta {
-        let b = f["box_xywh"].as_array().unwrap();
-        let img = reference.join("faces/images").join(f["image"].as_str().unwrap());
-        csv += &format!("{},{},{},{},{},test\n", img.display(), b[0], b[1], b[2], b[3]);
-    }
     let manifest = dir.path().join("photos.csv");
-    std::fs::write(&manifest, csv).unwrap();
+    let faces_meta = reference_manifest(&reference, &manifest);
     let faces = dir.path().join("photos.lance");
     let faces = path_str(&faces);
     let cache = dir.path().join("faceapi-cache.lance");

@@ -47,3 +47,19 @@ pub fn tempdir() -> tempfile::TempDir {
 pub fn path_str(p: &Path) -> &str {
     p.to_str().expect("utf-8 path")
 }
+
+/// Writes a manifest CSV of the real reference photos with their face boxes (split `test`) and
+/// returns the parsed `faces.json` entries, in manifest order.
+pub fn reference_manifest(reference: &Path, at: &Path) -> Vec<serde_json::Value> {
+    let meta: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(reference.join("faces/faces.json")).unwrap()).unwrap();
+    let faces = meta["faces"].as_array().unwrap().clone();
+    let mut csv = String::from("path,x,y,w,h,split\n");
+    for f in &faces {
+        let b = f["box_xywh"].as_array().unwrap();
+        let img = reference.join("faces/images").join(f["image"].as_str().unwrap());
+        csv += &format!("{},{},{},{},{},test\n", img.display(), b[0], b[1], b[2], b[3]);
+    }
+    std::fs::write(at, csv).unwrap();
+    faces
+}

@@ -54,6 +54,21 @@ fn contiguous<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout, op: &str) -> Resu
     }
 }
 
+/// Runs the f32 or the f64 body of an op on the contiguous contents of `s`.
+fn on_floats(
+    s: &CpuStorage,
+    l: &Layout,
+    op: &str,
+    f32: impl FnOnce(&[f32]) -> Result<(Vec<f32>, Shape)>,
+    f64: impl FnOnce(&[f64]) -> Result<(Vec<f64>, Shape)>,
+) -> Result<(CpuStorage, Shape)> {
+    match s.dtype() {
+        DType::F32 => f32(contiguous(s, l, op)?).map(|(v, sh)| (CpuStorage::F32(v), sh)),
+        DType::F64 => f64(contiguous(s, l, op)?).map(|(v, sh)| (CpuStorage::F64(v), sh)),
+        d => bail!("{op}: unsupported dtype {d:?} (f32 or f64)"),
+    }
+}
+
 /// `x [n,c,h,w] → cols [n, c·kh·kw, ho·wo]`.
 struct Im2col(Geometry);
 
@@ -109,17 +124,7 @@ impl CustomOp1 for Im2col {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        match s.dtype() {
-            DType::F32 => {
-                let (v, sh) = self.run(contiguous::<f32>(s, l, self.name())?, l)?;
-                Ok((CpuStorage::F32(v), sh))
-            }
-            DType::F64 => {
-                let (v, sh) = self.run(contiguous::<f64>(s, l, self.name())?, l)?;
-                Ok((CpuStorage::F64(v), sh))
-            }
-            d => bail!("im2col: unsupported dtype {d:?} (f32 or f64)"),
-        }
+        on_floats(s, l, self.name(), |x| self.run(x, l), |x| self.run(x, l))
     }
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
@@ -168,17 +173,7 @@ impl CustomOp1 for Col2im {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        match s.dtype() {
-            DType::F32 => {
-                let (v, sh) = self.run(contiguous::<f32>(s, l, self.name())?, l)?;
-                Ok((CpuStorage::F32(v), sh))
-            }
-            DType::F64 => {
-                let (v, sh) = self.run(contiguous::<f64>(s, l, self.name())?, l)?;
-                Ok((CpuStorage::F64(v), sh))
-            }
-            d => bail!("col2im: unsupported dtype {d:?} (f32 or f64)"),
-        }
+        on_floats(s, l, self.name(), |x| self.run(x, l), |x| self.run(x, l))
     }
 }
 
