@@ -14,7 +14,7 @@ two teacher workers (real gRPC on loopback) into a Lance cache, distils a studen
 baseline, evaluates all three on the held-out split and writes DIR/report.md with plots.
 
 Examples:
-  distillery quickstart                 # about 10 minutes on 2 cores
+  distillery quickstart                 # about 5 minutes on 2 cores (under 10)
   distillery quickstart --quick --dir /tmp/qs"
 )]
 pub struct QuickstartArgs {
