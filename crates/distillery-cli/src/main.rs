@@ -3,7 +3,7 @@
 //!
 //! Output contract: results go to stdout (`--format json` where a script reads them), logs and
 //! progress to stderr. Exit codes: 0 success, 1 failure, 2 usage error (clap), 3 nothing usable
-//! (e.g. an ingest where every row was rejected).
+//! (e.g. an ingest where every row was rejected), 4 a labelling job that ended with poisoned shards.
 
 mod cmd;
 mod output;
@@ -23,7 +23,7 @@ use clap::{Parser, Subcommand};
 #[derive(Parser, Debug)]
 #[command(name = "distillery", version, about, long_about = None, propagate_version = true)]
 #[command(
-    after_help = "Start with `distillery quickstart --quick`; every subcommand has --help with examples."
+    after_help = "Start with `distillery quickstart --quick`; every subcommand has --help with examples.\n\nExit codes: 0 success, 1 failure, 2 usage error, 3 nothing usable in the input, 4 a labelling job\nfinished with poisoned shards."
 )]
 struct Cli {
     /// Log filter for stderr (tracing EnvFilter syntax, e.g. `info`, `distillery_trainer=debug`).
