@@ -5,24 +5,34 @@
 //! upsampling use reshape-based forms that are exact for the even sizes EmoNet produces (candle's
 //! generic pooling kernels have edge cases we avoid on principle).
 
-use candle_core::{D, Result, Tensor};
+use candle_core::{D, DType, Result, Tensor, bail};
+use rayon::prelude::*;
 
 use super::weights::Params;
 use crate::cost;
+use crate::nn::fastconv::{self, Channels, ConvGeom, Epilogue, PreAct};
 
 /// PyTorch's default `BatchNorm` epsilon, used by every normalisation layer of EmoNet.
 const BN_EPS: f64 = 1e-5;
 
 /// A 2-D convolution with an optional bias, square kernel, groups = 1.
+///
+/// On the CPU (f32) the weights are kept flattened on the host and the forward pass runs
+/// [`fastconv`]; on other devices it is candle's convolution.
 #[derive(Debug, Clone)]
 pub(crate) struct Conv {
-    weight: Tensor,
-    /// `[1, c_out, 1, 1]`, ready to broadcast.
+    weight: ConvWeights,
+    /// `[c_out]`.
     bias: Option<Tensor>,
-    stride: usize,
-    padding: usize,
-    c_in: usize,
-    k: usize,
+    geom: ConvGeom,
+}
+
+#[derive(Debug, Clone)]
+enum ConvWeights {
+    /// `[c_out, c_in·k·k]` with the bias alongside.
+    Host { weight: Vec<f32>, bias: Option<Vec<f32>> },
+    /// `[c_out, c_in, k, k]`.
+    Device(Tensor),
 }
 
 impl Conv {
@@ -37,8 +47,17 @@ impl Conv {
         bias: bool,
     ) -> Result<Self> {
         let weight = p.get("weight", &[c_out, c_in, k, k])?;
-        let bias = if bias { Some(p.get("bias", &[c_out])?.reshape((1, c_out, 1, 1))?) } else { None };
-        Ok(Self { weight, bias, stride, padding, c_in, k })
+        let bias = if bias { Some(p.get("bias", &[c_out])?) } else { None };
+        let weight =
+            match (weight.device().is_cpu() && weight.dtype() == DType::F32, fastconv::host_weights(&weight))
+            {
+                (true, Some(w)) => ConvWeights::Host {
+                    weight: w,
+                    bias: bias.as_ref().map(|b| b.to_vec1::<f32>()).transpose()?,
+                },
+                _ => ConvWeights::Device(weight),
+            };
+        Ok(Self { weight, bias, geom: ConvGeom::square(c_in, c_out, k, stride, padding) })
     }
 
     /// A 1×1 convolution with bias, stride 1.
@@ -46,20 +65,42 @@ impl Conv {
         Self::load(p, c_in, c_out, 1, 1, 0, true)
     }
 
+    /// Host weights `[c_out, k]` when the fast CPU path applies.
+    fn host(&self) -> Option<&[f32]> {
+        match &self.weight {
+            ConvWeights::Host { weight, .. } => Some(weight),
+            ConvWeights::Device(_) => None,
+        }
+    }
+
+    fn record(&self, n: usize, h: usize, w: usize) -> Result<()> {
+        let (ho, wo) = self.geom.out_hw(h, w)?;
+        cost::record(cost::conv2d_macs(
+            &[n, self.geom.c_out, ho, wo],
+            self.geom.c_in,
+            self.geom.kh,
+            self.geom.kw,
+        ));
+        Ok(())
+    }
+
     pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = if self.k == 1 && self.stride == 1 && self.padding == 0 {
-            // A 1×1 convolution is a matmul over channels; this skips the im2col copy.
-            let (n, c, h, w) = x.dims4()?;
-            let c_out = self.weight.dim(0)?;
-            let wm = self.weight.reshape((c_out, c))?;
-            let xm = x.reshape((n, c, h * w))?;
-            wm.broadcast_left(n)?.matmul(&xm)?.reshape((n, c_out, h, w))?
-        } else {
-            x.conv2d(&self.weight, self.padding, self.stride, 1, 1)?
+        let (n, _, h, w) = x.dims4()?;
+        self.record(n, h, w)?;
+        let g = &self.geom;
+        let weight = match &self.weight {
+            ConvWeights::Host { weight, bias } => {
+                let epi = Epilogue { bias: bias.as_deref(), ..Epilogue::default() };
+                if let Some(y) = fastconv::conv2d_tensor(x, None, weight, g, epi)? {
+                    return Ok(y);
+                }
+                Tensor::from_slice(weight, (g.c_out, g.c_in, g.kh, g.kw), x.device())?.to_dtype(x.dtype())?
+            }
+            ConvWeights::Device(t) => t.clone(),
         };
-        cost::record(cost::conv2d_macs(y.dims(), self.c_in, self.k, self.k));
+        let y = x.conv2d(&weight, g.pad_h, g.stride_h, 1, 1)?;
         match &self.bias {
-            Some(b) => y.broadcast_add(b),
+            Some(b) => y.broadcast_add(&b.to_dtype(y.dtype())?.reshape((1, g.c_out, 1, 1))?),
             None => Ok(y),
         }
     }
@@ -71,6 +112,9 @@ pub(crate) struct BatchNorm {
     /// `[1, c, 1, 1]` for 2-D inputs; reshaped on the fly for 1-D ones.
     scale: Tensor,
     shift: Tensor,
+    /// The same on the host, for the fused CPU path (empty on other devices).
+    host_scale: Vec<f32>,
+    host_shift: Vec<f32>,
 }
 
 impl BatchNorm {
@@ -82,7 +126,22 @@ impl BatchNorm {
         let var = p.get("running_var", &[c])?;
         let scale = (gamma / (var + BN_EPS)?.sqrt()?)?;
         let shift = (beta - (mean * &scale)?)?;
-        Ok(Self { scale: scale.reshape((1, c, 1, 1))?, shift: shift.reshape((1, c, 1, 1))? })
+        let (host_scale, host_shift) = if scale.device().is_cpu() {
+            (scale.to_dtype(DType::F32)?.to_vec1()?, shift.to_dtype(DType::F32)?.to_vec1()?)
+        } else {
+            (Vec::new(), Vec::new())
+        };
+        Ok(Self {
+            scale: scale.reshape((1, c, 1, 1))?,
+            shift: shift.reshape((1, c, 1, 1))?,
+            host_scale,
+            host_shift,
+        })
+    }
+
+    /// `relu(bn(x))` as a pre-activation fused into the next convolution (CPU only).
+    fn pre_act(&self) -> Option<PreAct<'_>> {
+        (!self.host_scale.is_empty()).then_some(PreAct { scale: &self.host_scale, shift: &self.host_shift })
     }
 
     /// Normalises `[n, c, h, w]` or `[n, c]`.
@@ -161,6 +220,9 @@ impl ConvBlock {
     }
 
     pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if let Some(y) = self.forward_fused(x)? {
+            return Ok(y);
+        }
         let a = self.conv1.forward(&self.bn1.forward_relu(x)?)?;
         let b = self.conv2.forward(&self.bn2.forward_relu(&a)?)?;
         let c = self.conv3.forward(&self.bn3.forward_relu(&b)?)?;
@@ -169,6 +231,71 @@ impl ConvBlock {
             Some((bn, conv)) => out + conv.forward(&bn.forward_relu(x)?)?,
             None => out + x,
         }
+    }
+}
+
+impl ConvBlock {
+    /// The CPU path: the three convolutions write their slices of one output buffer (the
+    /// concatenation costs nothing), each batch norm + ReLU is applied while unfolding, and the
+    /// skip connection (projected or not) is accumulated into the same buffer. `None` when the
+    /// weights or `x` are not host f32.
+    fn forward_fused(&self, x: &Tensor) -> Result<Option<Tensor>> {
+        let (Some(w1), Some(w2), Some(w3)) = (self.conv1.host(), self.conv2.host(), self.conv3.host()) else {
+            return Ok(None);
+        };
+        let (Some(p1), Some(p2), Some(p3)) = (self.bn1.pre_act(), self.bn2.pre_act(), self.bn3.pre_act())
+        else {
+            return Ok(None);
+        };
+        let (n, c_in, h, w) = x.dims4()?;
+        let (g1, g2, g3) = (&self.conv1.geom, &self.conv2.geom, &self.conv3.geom);
+        let (half, quarter) = (g1.c_out, g2.c_out);
+        let c_out = half + 2 * quarter;
+        let x = x.contiguous()?;
+        let out = fastconv::cpu_f32(&x, |src| -> Result<Option<Vec<f32>>> {
+            let mut cat = vec![0f32; n * c_out * h * w];
+            let all = Channels::all(c_out);
+            let none = Epilogue::default();
+            fastconv::conv2d(src, Channels::all(c_in), n, h, w, Some(p1), w1, g1, none, &mut cat, all)?;
+            fastconv::conv2d_within(&mut cat, n, c_out, h, w, 0, half, Some(p2), w2, g2, none)?;
+            fastconv::conv2d_within(&mut cat, n, c_out, h, w, half, half + quarter, Some(p3), w3, g3, none)?;
+            match &self.downsample {
+                Some((bn, conv)) => {
+                    let (Some(wd), Some(pd)) = (conv.host(), bn.pre_act()) else { return Ok(None) };
+                    let acc = Epilogue { accumulate: true, ..none };
+                    fastconv::conv2d(
+                        src,
+                        Channels::all(c_in),
+                        n,
+                        h,
+                        w,
+                        Some(pd),
+                        wd,
+                        &conv.geom,
+                        acc,
+                        &mut cat,
+                        all,
+                    )?;
+                }
+                None => {
+                    if c_in != c_out {
+                        bail!("ConvBlock: {c_in} input channels need a projection to {c_out}");
+                    }
+                    cat.par_chunks_mut(1 << 14).zip(src.par_chunks(1 << 14)).for_each(|(o, s)| {
+                        o.iter_mut().zip(s).for_each(|(o, s)| *o += s);
+                    });
+                }
+            }
+            Ok(Some(cat))
+        });
+        let Some(Some(cat)) = out.transpose()? else { return Ok(None) };
+        for conv in [&self.conv1, &self.conv2, &self.conv3] {
+            conv.record(n, h, w)?;
+        }
+        if let Some((_, conv)) = &self.downsample {
+            conv.record(n, h, w)?;
+        }
+        Ok(Some(Tensor::from_vec(cat, (n, c_out, h, w), x.device())?))
     }
 }
 

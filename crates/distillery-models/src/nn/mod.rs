@@ -18,6 +18,7 @@
 
 pub mod batchnorm;
 pub mod depthwise;
+pub mod fastconv;
 #[cfg(test)]
 pub(crate) mod gradcheck;
 pub mod im2col;

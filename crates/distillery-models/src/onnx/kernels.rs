@@ -15,6 +15,7 @@ use rayon::prelude::*;
 
 use super::proto::Attrs;
 use crate::cost;
+use crate::nn::fastconv::{self, ConvGeom, Epilogue};
 
 /// ONNX `auto_pad`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -248,6 +249,8 @@ fn conv2d(x: &Tensor, w: &Tensor, b: Option<&Tensor>, c: &ConvAttrs) -> Result<T
         let bv = b.map(|b| b.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()).transpose()?;
         let op = Depthwise { weight: wv, bias: bv, c_out, y: ay, x: ax, out: (oh, ow) };
         x.contiguous()?.apply_op1_no_bwd(&op)?
+    } else if let Some(y) = fast_conv2d(x, w, b, c.group, ay, ax)? {
+        y
     } else {
         if ay.stride != ax.stride || ay.dilation != ax.dilation {
             bail!("strides/dilations that differ between H and W are not supported");
@@ -268,6 +271,34 @@ fn conv2d(x: &Tensor, w: &Tensor, b: Option<&Tensor>, c: &ConvAttrs) -> Result<T
     };
     cost::record(cost::conv2d_macs(y.dims(), c_in_g, kh, kw));
     Ok(y)
+}
+
+/// A dense (one group, no dilation) convolution of a CPU f32 input through [`fastconv`], with
+/// the bias fused; `None` where it does not apply.
+fn fast_conv2d(
+    x: &Tensor,
+    w: &Tensor,
+    b: Option<&Tensor>,
+    group: usize,
+    ay: Axis,
+    ax: Axis,
+) -> Result<Option<Tensor>> {
+    if group != 1 || ay.dilation != 1 || ax.dilation != 1 || !x.device().is_cpu() || x.dtype() != DType::F32 {
+        return Ok(None);
+    }
+    let (c_out, c_in, kh, kw) = w.dims4()?;
+    let Some(weight) = fastconv::host_weights(w) else { return Ok(None) };
+    let bias = b.map(|b| b.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()).transpose()?;
+    // Symmetric padding per axis is part of the geometry; otherwise pad explicitly first.
+    let (xp, pad_h, pad_w) = if ay.pad_begin == ay.pad_end && ax.pad_begin == ax.pad_end {
+        (x.clone(), ay.pad_begin, ax.pad_begin)
+    } else {
+        let xp = pad_axis(x, 2, ay.pad_begin as i64, ay.pad_end as i64, 0.0, false)?;
+        (pad_axis(&xp, 3, ax.pad_begin as i64, ax.pad_end as i64, 0.0, false)?, 0, 0)
+    };
+    let g = ConvGeom { c_in, c_out, kh, kw, stride_h: ay.stride, stride_w: ax.stride, pad_h, pad_w };
+    let epi = Epilogue { bias: bias.as_deref(), ..Epilogue::default() };
+    fastconv::conv2d_tensor(&xp, None, &weight, &g, epi)
 }
 
 /// Direct depthwise convolution (one input channel per group, `c_out = m·c_in`) with bias.
