@@ -301,6 +301,42 @@ fn fast_conv2d(
     fastconv::conv2d_tensor(&xp, None, &weight, &g, epi)
 }
 
+/// Elements below which an elementwise op runs on one thread: splitting smaller maps costs more
+/// than it saves.
+const PAR_MIN: usize = 1 << 14;
+
+/// `f` over every element of a contiguous CPU f32 tensor, in parallel above [`PAR_MIN`]; `None`
+/// for other tensors (callers use candle's op). Cheaper than candle's generic elementwise path
+/// for the many small maps of a mobile network at batch 1.
+pub(crate) fn cpu_map(x: &Tensor, f: fn(f32) -> f32) -> Option<Result<Tensor>> {
+    let v = fastconv::cpu_f32(x, |a| {
+        if a.len() < PAR_MIN {
+            a.iter().map(|&v| f(v)).collect::<Vec<f32>>()
+        } else {
+            a.par_iter().with_min_len(PAR_MIN / 2).map(|&v| f(v)).collect()
+        }
+    })?;
+    Some(Tensor::from_vec(v, x.shape(), x.device()))
+}
+
+/// `f(x, y)` elementwise for two contiguous CPU f32 tensors of the same shape; `None` otherwise
+/// (broadcasting and other dtypes go through candle).
+pub(crate) fn cpu_zip(x: &Tensor, y: &Tensor, f: fn(f32, f32) -> f32) -> Option<Result<Tensor>> {
+    if x.dims() != y.dims() {
+        return None;
+    }
+    let v = fastconv::cpu_f32(x, |a| {
+        fastconv::cpu_f32(y, |b| {
+            if a.len() < PAR_MIN {
+                a.iter().zip(b).map(|(&a, &b)| f(a, b)).collect::<Vec<f32>>()
+            } else {
+                a.par_iter().zip(b).with_min_len(PAR_MIN / 2).map(|(&a, &b)| f(a, b)).collect()
+            }
+        })
+    })??;
+    Some(Tensor::from_vec(v, x.shape(), x.device()))
+}
+
 /// Direct depthwise convolution (one input channel per group, `c_out = m·c_in`) with bias.
 struct Depthwise {
     weight: Vec<f32>,

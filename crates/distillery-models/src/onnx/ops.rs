@@ -269,7 +269,10 @@ impl Op {
             Op::Unary(u) => {
                 let x = req(0)?;
                 match u {
-                    UnaryOp::Relu => x.relu()?,
+                    UnaryOp::Relu => match kernels::cpu_map(x, |v| v.max(0.0)) {
+                        Some(y) => y?,
+                        None => x.relu()?,
+                    },
                     UnaryOp::Sigmoid => candle_nn::ops::sigmoid(x)?,
                     UnaryOp::Tanh => x.tanh()?,
                     UnaryOp::Exp => x.exp()?,
@@ -372,11 +375,18 @@ impl Op {
             }
             Op::Binary(b) => {
                 let (x, y) = (req(0)?, req(1)?);
-                match b {
-                    BinOp::Add => x.broadcast_add(y)?,
-                    BinOp::Sub => x.broadcast_sub(y)?,
-                    BinOp::Mul => x.broadcast_mul(y)?,
-                    BinOp::Div => x.broadcast_div(y)?,
+                let f: fn(f32, f32) -> f32 = match b {
+                    BinOp::Add => |a, b| a + b,
+                    BinOp::Sub => |a, b| a - b,
+                    BinOp::Mul => |a, b| a * b,
+                    BinOp::Div => |a, b| a / b,
+                };
+                match (kernels::cpu_zip(x, y, f), b) {
+                    (Some(z), _) => z?,
+                    (None, BinOp::Add) => x.broadcast_add(y)?,
+                    (None, BinOp::Sub) => x.broadcast_sub(y)?,
+                    (None, BinOp::Mul) => x.broadcast_mul(y)?,
+                    (None, BinOp::Div) => x.broadcast_div(y)?,
                 }
             }
             Op::Softmax { axis, coerce_2d } => {
