@@ -308,7 +308,7 @@ const PAR_MIN: usize = 1 << 14;
 /// `f` over every element of a contiguous CPU f32 tensor, in parallel above [`PAR_MIN`]; `None`
 /// for other tensors (callers use candle's op). Cheaper than candle's generic elementwise path
 /// for the many small maps of a mobile network at batch 1.
-pub(crate) fn cpu_map(x: &Tensor, f: fn(f32) -> f32) -> Option<Result<Tensor>> {
+pub(crate) fn cpu_map(x: &Tensor, f: impl Fn(f32) -> f32 + Sync) -> Option<Result<Tensor>> {
     let v = fastconv::cpu_f32(x, |a| {
         if a.len() < PAR_MIN {
             a.iter().map(|&v| f(v)).collect::<Vec<f32>>()
@@ -321,7 +321,7 @@ pub(crate) fn cpu_map(x: &Tensor, f: fn(f32) -> f32) -> Option<Result<Tensor>> {
 
 /// `f(x, y)` elementwise for two contiguous CPU f32 tensors of the same shape; `None` otherwise
 /// (broadcasting and other dtypes go through candle).
-pub(crate) fn cpu_zip(x: &Tensor, y: &Tensor, f: fn(f32, f32) -> f32) -> Option<Result<Tensor>> {
+pub(crate) fn cpu_zip(x: &Tensor, y: &Tensor, f: impl Fn(f32, f32) -> f32 + Sync) -> Option<Result<Tensor>> {
     if x.dims() != y.dims() {
         return None;
     }

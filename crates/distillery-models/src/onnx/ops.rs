@@ -375,13 +375,14 @@ impl Op {
             }
             Op::Binary(b) => {
                 let (x, y) = (req(0)?, req(1)?);
-                let f: fn(f32, f32) -> f32 = match b {
-                    BinOp::Add => |a, b| a + b,
-                    BinOp::Sub => |a, b| a - b,
-                    BinOp::Mul => |a, b| a * b,
-                    BinOp::Div => |a, b| a / b,
+                // One monomorphic loop per op, so each one vectorises.
+                let fast = match b {
+                    BinOp::Add => kernels::cpu_zip(x, y, |a, b| a + b),
+                    BinOp::Sub => kernels::cpu_zip(x, y, |a, b| a - b),
+                    BinOp::Mul => kernels::cpu_zip(x, y, |a, b| a * b),
+                    BinOp::Div => kernels::cpu_zip(x, y, |a, b| a / b),
                 };
-                match (kernels::cpu_zip(x, y, f), b) {
+                match (fast, b) {
                     (Some(z), _) => z?,
                     (None, BinOp::Add) => x.broadcast_add(y)?,
                     (None, BinOp::Sub) => x.broadcast_sub(y)?,
