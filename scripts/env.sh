@@ -5,11 +5,15 @@
 #   `protoc-bin-vendored` crate ships (already a locked build dependency), so nothing is installed
 #   system-wide and no root is needed. An explicit PROTOC or a protoc on PATH wins.
 # - RAYON_NUM_THREADS: candle re-reads /proc/cpuinfo on every op unless it is set.
+# - CARGO_INCREMENTAL=0: see below.
 set -euo pipefail
 
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/distillery/target}"
 export RAYON_NUM_THREADS="${RAYON_NUM_THREADS:-$(nproc 2>/dev/null || echo 2)}"
 export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
+# Incremental caches of the optimised workspace crates grow by gigabytes per change and filled
+# the disk; a full rebuild of our crates costs a few minutes instead.
+export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"
 
 if [ -z "${PROTOC:-}" ]; then
   if command -v protoc >/dev/null 2>&1; then

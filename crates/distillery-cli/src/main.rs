@@ -11,11 +11,10 @@ mod progress;
 
 use std::process::ExitCode;
 
-/// Training and inference allocate and free many large tensors per step; glibc's malloc serves
-/// those with fresh `mmap`s, and the page faults and TLB shootdowns cost about a third of a
-/// training step on CPU. mimalloc keeps and reuses them.
+/// Training and inference allocate and free many large tensors per step; mimalloc with purging
+/// off keeps and reuses their pages (see `distillery_models::alloc`).
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: distillery_models::alloc::Allocator = distillery_models::alloc::Allocator;
 
 use clap::{Parser, Subcommand};
 
@@ -87,6 +86,7 @@ enum Service {
 }
 
 fn main() -> ExitCode {
+    distillery_models::alloc::keep_freed_pages();
     let cli = Cli::parse();
     output::init_logging(&cli.log);
     let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {

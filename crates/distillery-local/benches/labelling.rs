@@ -20,7 +20,7 @@ use distillery_trainer::TrainConfig;
 use distillery_trainer::run::{RunOptions, run};
 
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: distillery_models::alloc::Allocator = distillery_models::alloc::Allocator;
 
 fn env(name: &str, default: u64) -> u64 {
     std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
@@ -57,6 +57,7 @@ async fn label(
 
 #[tokio::main(flavor = "multi_thread")]
 async fn main() {
+    distillery_models::alloc::keep_freed_pages();
     let n = env("BENCH_FACES", 4096);
     let side = env("BENCH_SIDE", 32) as u32;
     let tmp = tempfile::tempdir().unwrap();

@@ -11,7 +11,7 @@ use distillery_local::{ExperimentOptions, distillation_experiment};
 
 /// Training allocates and frees large tensors every step; the `distillery` binary uses it too.
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: distillery_models::alloc::Allocator = distillery_models::alloc::Allocator;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn distilled_students_beat_the_baseline_and_approach_the_teacher() {

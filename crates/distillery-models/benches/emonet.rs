@@ -8,7 +8,7 @@
 
 /// The allocator the `distillery` binary uses, so the numbers match what users run.
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: distillery_models::alloc::Allocator = distillery_models::alloc::Allocator;
 
 #[path = "../tests/emonet_fixture/mod.rs"]
 mod emonet_fixture;
@@ -20,6 +20,7 @@ use candle_nn::VarBuilder;
 use distillery_models::emonet::{EmoNet, EmoNetVariant};
 
 fn main() {
+    distillery_models::alloc::keep_freed_pages();
     let device = Device::Cpu;
     let variant = EmoNetVariant::Eight;
     let model = match std::env::var_os("EMONET_WEIGHTS") {

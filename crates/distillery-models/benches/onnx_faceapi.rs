@@ -6,7 +6,7 @@
 
 /// The allocator the `distillery` binary uses, so the numbers match what users run.
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: distillery_models::alloc::Allocator = distillery_models::alloc::Allocator;
 
 use std::path::Path;
 use std::time::Instant;
@@ -16,6 +16,7 @@ use distillery_models::Teacher;
 use distillery_models::onnx::{OnnxTeacher, OnnxTeacherConfig};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
+    distillery_models::alloc::keep_freed_pages();
     let Some(reference) = distillery_core::reference::require("onnx_faceapi bench") else {
         return Ok(());
     };

@@ -6,7 +6,7 @@
 
 /// The allocator the `distillery` binary uses, so the numbers match what users run.
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: distillery_models::alloc::Allocator = distillery_models::alloc::Allocator;
 
 use std::time::Instant;
 
@@ -54,6 +54,7 @@ fn bench(side: usize, batch: usize, steps: usize) -> candle_core::Result<()> {
 }
 
 fn main() -> candle_core::Result<()> {
+    distillery_models::alloc::keep_freed_pages();
     let steps = std::env::var("STUDENT_BENCH_STEPS").ok().and_then(|s| s.parse().ok()).unwrap_or(5);
     bench(112, 32, steps)?;
     bench(224, 16, steps)?;

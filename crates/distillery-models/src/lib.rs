@@ -4,6 +4,7 @@
 //! Architecture invariant: this crate does no I/O beyond reading weight files it is handed a path
 //! to. Images, datasets and networks live in other crates.
 
+pub mod alloc;
 pub mod cost;
 pub mod emonet;
 pub mod losses;
