@@ -10,7 +10,7 @@ use rayon::prelude::*;
 
 use super::weights::Params;
 use crate::cost;
-use crate::nn::fastconv::{self, Channels, ConvGeom, Epilogue, PreAct};
+use crate::nn::fastconv::{self, Channels, ConvGeom, Epilogue, Extent, FusedConv, PreAct};
 
 /// PyTorch's default `BatchNorm` epsilon, used by every normalisation layer of EmoNet.
 const BN_EPS: f64 = 1e-5;
@@ -91,7 +91,8 @@ impl Conv {
         let weight = match &self.weight {
             ConvWeights::Host { weight, bias } => {
                 let epi = Epilogue { bias: bias.as_deref(), ..Epilogue::default() };
-                if let Some(y) = fastconv::conv2d_tensor(x, None, weight, g, epi)? {
+                let op = FusedConv { geom: *g, weight, pre: None, epi };
+                if let Some(y) = fastconv::conv2d_tensor(&op, x)? {
                     return Ok(y);
                 }
                 Tensor::from_slice(weight, (g.c_out, g.c_in, g.kh, g.kw), x.device())?.to_dtype(x.dtype())?
@@ -248,34 +249,24 @@ impl ConvBlock {
             return Ok(None);
         };
         let (n, c_in, h, w) = x.dims4()?;
-        let (g1, g2, g3) = (&self.conv1.geom, &self.conv2.geom, &self.conv3.geom);
-        let (half, quarter) = (g1.c_out, g2.c_out);
+        let (half, quarter) = (self.conv1.geom.c_out, self.conv2.geom.c_out);
         let c_out = half + 2 * quarter;
         let x = x.contiguous()?;
         let out = fastconv::cpu_f32(&x, |src| -> Result<Option<Vec<f32>>> {
             let mut cat = vec![0f32; n * c_out * h * w];
-            let all = Channels::all(c_out);
+            let ext = Extent { n, h, w };
+            let (input, all) = ((src, Channels::all(c_in)), Channels::all(c_out));
             let none = Epilogue::default();
-            fastconv::conv2d(src, Channels::all(c_in), n, h, w, Some(p1), w1, g1, none, &mut cat, all)?;
-            fastconv::conv2d_within(&mut cat, n, c_out, h, w, 0, half, Some(p2), w2, g2, none)?;
-            fastconv::conv2d_within(&mut cat, n, c_out, h, w, half, half + quarter, Some(p3), w3, g3, none)?;
+            let op =
+                |conv: &Conv, weight, pre| FusedConv { geom: conv.geom, weight, pre: Some(pre), epi: none };
+            fastconv::conv2d(&op(&self.conv1, w1, p1), ext, input, (&mut cat, all))?;
+            fastconv::conv2d_within(&op(&self.conv2, w2, p2), ext, &mut cat, c_out, (0, half))?;
+            fastconv::conv2d_within(&op(&self.conv3, w3, p3), ext, &mut cat, c_out, (half, half + quarter))?;
             match &self.downsample {
                 Some((bn, conv)) => {
                     let (Some(wd), Some(pd)) = (conv.host(), bn.pre_act()) else { return Ok(None) };
-                    let acc = Epilogue { accumulate: true, ..none };
-                    fastconv::conv2d(
-                        src,
-                        Channels::all(c_in),
-                        n,
-                        h,
-                        w,
-                        Some(pd),
-                        wd,
-                        &conv.geom,
-                        acc,
-                        &mut cat,
-                        all,
-                    )?;
+                    let acc = FusedConv { epi: Epilogue { accumulate: true, ..none }, ..op(conv, wd, pd) };
+                    fastconv::conv2d(&acc, ext, input, (&mut cat, all))?;
                 }
                 None => {
                     if c_in != c_out {

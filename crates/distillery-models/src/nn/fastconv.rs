@@ -100,6 +100,25 @@ pub struct Epilogue<'a> {
     pub accumulate: bool,
 }
 
+/// One convolution to run: its shape, its weights and what is fused around it.
+#[derive(Clone, Copy, Debug)]
+pub struct FusedConv<'a> {
+    pub geom: ConvGeom,
+    /// `[c_out, c_in·kh·kw]`, row-major.
+    pub weight: &'a [f32],
+    /// Applied to each input channel as it is read.
+    pub pre: Option<PreAct<'a>>,
+    pub epi: Epilogue<'a>,
+}
+
+/// Batch size and spatial size of a convolution's input.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Extent {
+    pub n: usize,
+    pub h: usize,
+    pub w: usize,
+}
+
 /// `n` images of `c` channels of `h×w`, image `i` channel `c` at `ptr + i·img_stride + c·h·w`.
 #[derive(Clone, Copy)]
 struct Planes<P> {
@@ -146,24 +165,23 @@ fn tile_cols(k: usize, hw_out: usize, n: usize, threads: usize) -> usize {
     cols.max(1)
 }
 
-/// Unfolds output positions `j0..j1` (row-major over `ho×wo`) of one image into `buf`
-/// (`[k, j1 − j0]`), activating on the way.
+/// Unfolds output positions `cols` (row-major over the `ho×wo` output) of one `h×w` image into
+/// `buf` (`[k, cols.len()]`), activating on the way.
 ///
 /// # Safety
-/// `src` must point at `g.c_in` planes of `h·w` readable floats.
+/// `src` must point at `g.c_in` planes of `h·w` readable floats, and `g.out_hw(h, w)` must be `Ok`.
 unsafe fn unfold_tile(
     src: *const f32,
-    h: usize,
-    w: usize,
-    wo: usize,
+    (h, w): (usize, usize),
     g: &ConvGeom,
     pre: Option<PreAct<'_>>,
-    j0: usize,
-    j1: usize,
+    cols: std::ops::Range<usize>,
     buf: &mut [f32],
 ) {
+    let (j0, j1) = (cols.start, cols.end);
     let nc = j1 - j0;
     let ho = (h + 2 * g.pad_h - g.kh) / g.stride_h + 1;
+    let wo = (w + 2 * g.pad_w - g.kw) / g.stride_w + 1;
     for ci in 0..g.c_in {
         // SAFETY: the caller guarantees `c_in` planes of `h·w` floats.
         let plane = unsafe { std::slice::from_raw_parts(src.add(ci * h * w), h * w) };
@@ -221,21 +239,17 @@ unsafe fn unfold_tile(
 /// The convolution over raw planes.
 ///
 /// # Safety
-/// `src` holds `n` images of `g.c_in` planes of `h·w` floats at `src.img_stride` apart; `dst`
-/// holds `n` images of `g.c_out` planes of `ho·wo` floats at `dst.img_stride` apart; no output
-/// plane overlaps an input plane; `weight` is `[c_out, k]`.
-#[allow(clippy::too_many_arguments)]
+/// `src` holds `x.n` images of `c_in` planes of `h·w` floats at `src.img_stride` apart; `dst`
+/// holds `x.n` images of `c_out` planes of `ho·wo` floats at `dst.img_stride` apart; no output
+/// plane overlaps an input plane.
 unsafe fn conv_raw(
+    op: &FusedConv<'_>,
+    x: Extent,
     src: Planes<SendConst>,
-    n: usize,
-    h: usize,
-    w: usize,
-    pre: Option<PreAct<'_>>,
-    weight: &[f32],
-    g: &ConvGeom,
-    epi: Epilogue<'_>,
     dst: Planes<SendMut>,
 ) -> Result<()> {
+    let FusedConv { geom: ref g, weight, pre, epi } = *op;
+    let Extent { n, h, w } = x;
     let (ho, wo) = g.out_hw(h, w)?;
     let (hw_out, k) = (ho * wo, g.k());
     if weight.len() != g.c_out * k {
@@ -301,7 +315,7 @@ unsafe fn conv_raw(
                     b.resize(k * nc, 0.0);
                 }
                 // SAFETY: `s` points at this image's c_in input planes.
-                unsafe { unfold_tile(s, h, w, wo, g, pre, j0, j1, &mut b[..k * nc]) };
+                unsafe { unfold_tile(s, (h, w), g, pre, j0..j1, &mut b[..k * nc]) };
                 product(b.as_ptr(), nc);
             };
             COLS.with(|b| match b.try_borrow_mut() {
@@ -346,22 +360,15 @@ impl Channels {
     }
 }
 
-/// Convolves the `g.c_in` channels of `src` at `src_ch` (`n` images of `h×w`) into the `g.c_out`
-/// channels of `dst` at `dst_ch`, overwriting or accumulating per `epi`.
-#[allow(clippy::too_many_arguments)]
+/// Convolves the `c_in` channels of `src` at `src_ch` (`x.n` images of `x.h×x.w`) into the `c_out`
+/// channels of `dst` at `dst_ch`, overwriting or accumulating per `op.epi`.
 pub fn conv2d(
-    src: &[f32],
-    src_ch: Channels,
-    n: usize,
-    h: usize,
-    w: usize,
-    pre: Option<PreAct<'_>>,
-    weight: &[f32],
-    g: &ConvGeom,
-    epi: Epilogue<'_>,
-    dst: &mut [f32],
-    dst_ch: Channels,
+    op: &FusedConv<'_>,
+    x: Extent,
+    (src, src_ch): (&[f32], Channels),
+    (dst, dst_ch): (&mut [f32], Channels),
 ) -> Result<()> {
+    let (g, Extent { n, h, w }) = (&op.geom, x);
     let (ho, wo) = g.out_hw(h, w)?;
     let fits = |buf: usize, ch: Channels, c: usize, plane: usize| {
         ch.first + c <= ch.channels && buf == n * ch.channels * plane
@@ -387,26 +394,20 @@ pub fn conv2d(
         img_stride: dst_ch.channels * ho * wo,
     };
     // SAFETY: sizes checked above; `src` and `dst` are distinct borrows.
-    unsafe { conv_raw(s, n, h, w, pre, weight, g, epi, d) }
+    unsafe { conv_raw(op, x, s, d) }
 }
 
 /// Convolves input channels `src_c..src_c + c_in` of `buf` (`[n, c_total, h, w]`) into channels
 /// `dst_c..dst_c + c_out` of the same buffer: the ranges must not overlap, and the convolution
 /// must keep the spatial size.
-#[allow(clippy::too_many_arguments)]
 pub fn conv2d_within(
+    op: &FusedConv<'_>,
+    x: Extent,
     buf: &mut [f32],
-    n: usize,
     c_total: usize,
-    h: usize,
-    w: usize,
-    src_c: usize,
-    dst_c: usize,
-    pre: Option<PreAct<'_>>,
-    weight: &[f32],
-    g: &ConvGeom,
-    epi: Epilogue<'_>,
+    (src_c, dst_c): (usize, usize),
 ) -> Result<()> {
+    let (g, Extent { n, h, w }) = (&op.geom, x);
     if g.out_hw(h, w)? != (h, w) {
         bail!("conv within one buffer must keep the spatial size {h}×{w}");
     }
@@ -423,7 +424,7 @@ pub fn conv2d_within(
     let s = Planes { ptr: SendConst(unsafe { base.add(src_c * plane) }), img_stride: c_total * plane };
     let d = Planes { ptr: SendMut(unsafe { base.add(dst_c * plane) }), img_stride: c_total * plane };
     // SAFETY: channel ranges checked in bounds and disjoint; `buf` is exclusively borrowed.
-    unsafe { conv_raw(s, n, h, w, pre, weight, g, epi, d) }
+    unsafe { conv_raw(op, x, s, d) }
 }
 
 /// The contiguous f32 contents of a CPU tensor, or `None` for other devices and dtypes.
@@ -446,15 +447,11 @@ pub fn host_weights(weight: &Tensor) -> Option<Vec<f32>> {
     weight.to_dtype(DType::F32).ok()?.flatten_all().ok()?.to_vec1::<f32>().ok()
 }
 
-/// [`conv2d`] on a tensor `[n, c_in, h, w]`, returning `[n, c_out, ho, wo]`; `None` when `x` is
-/// not a CPU f32 tensor (callers fall back to candle's convolution).
-pub fn conv2d_tensor(
-    x: &Tensor,
-    pre: Option<PreAct<'_>>,
-    weight: &[f32],
-    g: &ConvGeom,
-    epi: Epilogue<'_>,
-) -> Result<Option<Tensor>> {
+/// [`conv2d`] on a tensor `[n, c_in, h, w]`, returning `[n, c_out, ho, wo]` (`op.epi.accumulate`
+/// is ignored); `None` when `x` is not a CPU f32 tensor (callers fall back to candle's
+/// convolution).
+pub fn conv2d_tensor(op: &FusedConv<'_>, x: &Tensor) -> Result<Option<Tensor>> {
+    let g = &op.geom;
     let (n, c, h, w) = x.dims4()?;
     if c != g.c_in {
         bail!("conv: input has {c} channels, the weights expect {}", g.c_in);
@@ -463,8 +460,8 @@ pub fn conv2d_tensor(
     let x = x.contiguous()?;
     let out = cpu_f32(&x, |src| -> Result<Vec<f32>> {
         let mut dst = vec![0f32; n * g.c_out * ho * wo];
-        let epi = Epilogue { accumulate: false, ..epi };
-        conv2d(src, Channels::all(c), n, h, w, pre, weight, g, epi, &mut dst, Channels::all(g.c_out))?;
+        let op = FusedConv { epi: Epilogue { accumulate: false, ..op.epi }, ..*op };
+        conv2d(&op, Extent { n, h, w }, (src, Channels::all(c)), (&mut dst, Channels::all(g.c_out)))?;
         Ok(dst)
     });
     match out {
@@ -536,17 +533,17 @@ mod tests {
 
     #[test]
     fn matches_candle_across_shapes_and_fusions() {
-        let cases: &[(usize, usize, usize, usize, usize, usize, usize, usize)] = &[
+        let cases: &[[usize; 8]] = &[
             // n, c_in, c_out, h, w, k, stride, pad
-            (1, 3, 8, 9, 9, 3, 1, 1),
-            (2, 5, 7, 8, 6, 3, 2, 1),
-            (2, 4, 6, 7, 5, 1, 1, 0),
-            (1, 3, 4, 11, 13, 7, 2, 3),
-            (3, 6, 5, 4, 4, 1, 2, 0),
-            (1, 16, 24, 40, 40, 3, 1, 1), // several tiles per image
-            (1, 2, 3, 3, 3, 3, 1, 0),
+            [1, 3, 8, 9, 9, 3, 1, 1],
+            [2, 5, 7, 8, 6, 3, 2, 1],
+            [2, 4, 6, 7, 5, 1, 1, 0],
+            [1, 3, 4, 11, 13, 7, 2, 3],
+            [3, 6, 5, 4, 4, 1, 2, 0],
+            [1, 16, 24, 40, 40, 3, 1, 1], // several tiles per image
+            [1, 2, 3, 3, 3, 3, 1, 0],
         ];
-        for (case, &(n, ci, co, h, w, k, s, p)) in cases.iter().enumerate() {
+        for (case, &[n, ci, co, h, w, k, s, p]) in cases.iter().enumerate() {
             let g = ConvGeom::square(ci, co, k, s, p);
             let x = randn(&[n, ci, h, w], 1 + case as u64);
             let wt = randn(&[co, ci, k, k], 100 + case as u64);
@@ -561,7 +558,8 @@ mod tests {
             {
                 let pre = with_pre.then_some(PreAct { scale: &scv, shift: &shv });
                 let epi = Epilogue { bias: with_bias.then_some(bv.as_slice()), relu, accumulate: false };
-                let ours = conv2d_tensor(&x, pre, &wv, &g, epi).unwrap().unwrap();
+                let op = FusedConv { geom: g, weight: &wv, pre, epi };
+                let ours = conv2d_tensor(&op, &x).unwrap().unwrap();
                 let theirs =
                     reference(&x, &wt, &g, with_pre.then_some((&sc, &sh)), with_bias.then_some(&bias), relu);
                 let d = max_diff(&ours, &theirs);
@@ -579,8 +577,10 @@ mod tests {
         let mut buf = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
         let wt = randn(&[3, 4, 3, 3], 8);
         let g = ConvGeom::square(4, 3, 3, 1, 1);
-        conv2d_within(&mut buf, n, 7, h, w, 0, 4, None, &host_weights(&wt).unwrap(), &g, Epilogue::default())
-            .unwrap();
+        let wv = host_weights(&wt).unwrap();
+        let op = FusedConv { geom: g, weight: &wv, pre: None, epi: Epilogue::default() };
+        let ext = Extent { n, h, w };
+        conv2d_within(&op, ext, &mut buf, 7, (0, 4)).unwrap();
         let got = Tensor::from_vec(buf.clone(), (n, 7, h, w), &Device::Cpu).unwrap();
         let src = x.narrow(1, 0, 4).unwrap();
         let want = reference(&src, &wt, &g, None, None, false);
@@ -594,26 +594,13 @@ mod tests {
         let src_v = src.contiguous().unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
         let epi = Epilogue { accumulate: true, ..Epilogue::default() };
         let w1v = host_weights(&w1).unwrap();
-        conv2d(&src_v, Channels::all(4), n, h, w, None, &w1v, &g1, epi, &mut out, Channels::all(7)).unwrap();
+        let op1 = FusedConv { geom: g1, weight: &w1v, pre: None, epi };
+        conv2d(&op1, ext, (&src_v, Channels::all(4)), (&mut out, Channels::all(7))).unwrap();
         let got = Tensor::from_vec(out, (n, 7, h, w), &Device::Cpu).unwrap();
         let want = (reference(&src, &w1, &g1, None, None, false) + residual).unwrap();
         assert!(max_diff(&got, &want) < 1e-4);
 
-        let e = conv2d_within(
-            &mut buf,
-            n,
-            7,
-            h,
-            w,
-            0,
-            2,
-            None,
-            &host_weights(&wt).unwrap(),
-            &g,
-            Epilogue::default(),
-        )
-        .unwrap_err()
-        .to_string();
+        let e = conv2d_within(&op, ext, &mut buf, 7, (0, 2)).unwrap_err().to_string();
         assert!(e.contains("overlap"), "{e}");
     }
 
@@ -621,13 +608,14 @@ mod tests {
     fn rejects_mismatched_weights_and_inputs() {
         let g = ConvGeom::square(3, 4, 3, 1, 1);
         let x = randn(&[1, 3, 5, 5], 1);
-        let e = conv2d_tensor(&x, None, &[0.0; 10], &g, Epilogue::default()).unwrap_err().to_string();
+        let op = |geom, weight| FusedConv { geom, weight, pre: None, epi: Epilogue::default() };
+        let e = conv2d_tensor(&op(g, &[0.0; 10]), &x).unwrap_err().to_string();
         assert!(e.contains("weight has 10 values"), "{e}");
         let x2 = randn(&[1, 2, 5, 5], 1);
-        let e = conv2d_tensor(&x2, None, &[0.0; 108], &g, Epilogue::default()).unwrap_err().to_string();
+        let e = conv2d_tensor(&op(g, &[0.0; 108]), &x2).unwrap_err().to_string();
         assert!(e.contains("input has 2 channels"), "{e}");
         let big = ConvGeom::square(3, 4, 7, 1, 0);
-        let e = conv2d_tensor(&x, None, &[0.0; 588], &big, Epilogue::default()).unwrap_err().to_string();
+        let e = conv2d_tensor(&op(big, &[0.0; 588]), &x).unwrap_err().to_string();
         assert!(e.contains("smaller than the kernel"), "{e}");
     }
 }

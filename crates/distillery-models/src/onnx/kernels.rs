@@ -15,7 +15,7 @@ use rayon::prelude::*;
 
 use super::proto::Attrs;
 use crate::cost;
-use crate::nn::fastconv::{self, ConvGeom, Epilogue};
+use crate::nn::fastconv::{self, ConvGeom, Epilogue, FusedConv};
 
 /// ONNX `auto_pad`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -298,7 +298,7 @@ fn fast_conv2d(
     };
     let g = ConvGeom { c_in, c_out, kh, kw, stride_h: ay.stride, stride_w: ax.stride, pad_h, pad_w };
     let epi = Epilogue { bias: bias.as_deref(), ..Epilogue::default() };
-    fastconv::conv2d_tensor(&xp, None, &weight, &g, epi)
+    fastconv::conv2d_tensor(&FusedConv { geom: g, weight: &weight, pre: None, epi }, &xp)
 }
 
 /// Elements below which an elementwise op runs on one thread: splitting smaller maps costs more
