@@ -1,4 +1,5 @@
-//! Throughput of the face-api ONNX teacher on CPU at batch 1 and 32 (images/s).
+//! Throughput of the face-api ONNX teacher on CPU at batch 1 and 32 (images/s), and the time per
+//! op type of the raw graph (where an optimisation would pay).
 //!
 //! `./dev bench --bench onnx_faceapi` (needs `../shared/reference`).
 
@@ -39,6 +40,21 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             (batch * iters) as f64 / secs,
             secs * 1e3 / iters as f64
         );
+        // Where the time goes: the raw graph, node by node, summed per op type.
+        let g = t.graph();
+        let (input, output) = (g.input_names()[0].to_owned(), g.output_names()[0].clone());
+        let mut totals = Vec::new();
+        for _ in 0..iters {
+            let (_, times) = g.run_profiled(&[(&input, &x)], &[&output])?;
+            totals.extend(times);
+        }
+        for (op, d, count) in distillery_models::onnx::by_op_type(&totals) {
+            println!(
+                "    {op:<14} {:>7.3} ms/batch over {:>3} nodes",
+                d.as_secs_f64() * 1e3 / iters as f64,
+                count / iters
+            );
+        }
     }
     Ok(())
 }

@@ -182,6 +182,27 @@ impl OnnxGraph {
     /// Evaluates the graph: `inputs` by name, returning the values named in `outputs` (declared
     /// outputs or any intermediate value), in that order. Only the nodes those outputs need run.
     pub fn run(&self, inputs: &[(&str, &Tensor)], outputs: &[&str]) -> Result<Vec<Tensor>, OnnxError> {
+        self.run_timed(inputs, outputs, None)
+    }
+
+    /// [`OnnxGraph::run`], also returning the wall time of every node that ran, in order (for
+    /// profiling: [`by_op_type`] sums them up).
+    pub fn run_profiled(
+        &self,
+        inputs: &[(&str, &Tensor)],
+        outputs: &[&str],
+    ) -> Result<(Vec<Tensor>, Vec<NodeTime>), OnnxError> {
+        let mut times = Vec::with_capacity(self.steps.len());
+        let ys = self.run_timed(inputs, outputs, Some(&mut times))?;
+        Ok((ys, times))
+    }
+
+    fn run_timed(
+        &self,
+        inputs: &[(&str, &Tensor)],
+        outputs: &[&str],
+        mut times: Option<&mut Vec<NodeTime>>,
+    ) -> Result<Vec<Tensor>, OnnxError> {
         let mut values: Vec<Option<Tensor>> = self.constants.clone();
         for (name, t) in inputs {
             let Some(&(_, s)) = self.inputs.iter().find(|(n, _)| n == name) else {
@@ -239,11 +260,21 @@ impl OnnxGraph {
                     },
                 }
             }
+            let start = times.is_some().then(std::time::Instant::now);
             let ys = st.op.exec(&args).map_err(|source| OnnxError::Node {
                 op_type: st.op_type.clone(),
                 node: st.name.clone(),
                 source: Box::new(source),
             })?;
+            if let (Some(times), Some(start)) = (times.as_deref_mut(), start) {
+                let shape = ys.first().map(|y| y.dims().to_vec()).unwrap_or_default();
+                times.push(NodeTime {
+                    node: st.name.clone(),
+                    op_type: st.op_type.clone(),
+                    output_shape: shape,
+                    elapsed: start.elapsed(),
+                });
+            }
             drop(args);
             for s in st.inputs.iter().flatten() {
                 uses[*s] -= 1;
@@ -265,6 +296,32 @@ impl OnnxGraph {
             })
             .collect()
     }
+}
+
+/// How long one node took in [`OnnxGraph::run_profiled`].
+#[derive(Clone, Debug)]
+pub struct NodeTime {
+    pub node: String,
+    pub op_type: String,
+    /// Shape of the node's first output.
+    pub output_shape: Vec<usize>,
+    pub elapsed: std::time::Duration,
+}
+
+/// Per op type: total time and number of nodes, slowest first.
+pub fn by_op_type(times: &[NodeTime]) -> Vec<(String, std::time::Duration, usize)> {
+    let mut sums: Vec<(String, std::time::Duration, usize)> = Vec::new();
+    for t in times {
+        match sums.iter_mut().find(|(op, _, _)| *op == t.op_type) {
+            Some((_, d, n)) => {
+                *d += t.elapsed;
+                *n += 1;
+            }
+            None => sums.push((t.op_type.clone(), t.elapsed, 1)),
+        }
+    }
+    sums.sort_by_key(|s| std::cmp::Reverse(s.1));
+    sums
 }
 
 /// The nodes in an order where every input is available before use (Kahn's algorithm, stable

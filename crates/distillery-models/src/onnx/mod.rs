@@ -18,7 +18,7 @@ mod proto;
 mod teacher;
 
 pub use config::{OnnxTeacherConfig, OutputKind};
-pub use graph::OnnxGraph;
+pub use graph::{NodeTime, OnnxGraph, by_op_type};
 pub use teacher::OnnxTeacher;
 
 /// The protobuf types of the ONNX format (re-exported so callers can build models in code).
