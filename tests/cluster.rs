@@ -26,6 +26,7 @@ use std::time::{Duration, Instant};
 use common::*;
 use distillery_cache::{FaceStore, TeacherCache};
 use distillery_core::TeacherFingerprint;
+use distillery_proto::transport::Target;
 use distillery_proto::v1;
 use distillery_proto::v1::coordinator_service_client::CoordinatorServiceClient;
 use serde_json::Value;
@@ -116,6 +117,7 @@ impl Proc {
             .env("RAYON_NUM_THREADS", "2")
             .env_remove("DISTILLERY_COORDINATOR")
             .env_remove("DISTILLERY_AUTH_TOKEN")
+            .env_remove("DISTILLERY_TLS_CA")
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err)
@@ -206,6 +208,8 @@ impl Data {
 struct Worker {
     proc: Proc,
     metrics: SocketAddr,
+    /// Its TeacherService, when the test chose the port (TLS clusters).
+    grpc: Option<SocketAddr>,
 }
 
 /// A coordinator process and its teacher worker processes over one [`Data`].
@@ -218,17 +222,35 @@ struct Cluster {
     metrics: SocketAddr,
     lease_ttl: &'static str,
     restarts: u32,
+    /// Every service serves TLS with the test certificates, every client trusts the test CA.
+    tls: bool,
     rt: tokio::runtime::Runtime,
     data: Data,
 }
 
+/// A committed TLS test file (`tests/fixtures/tls`, see its README).
+fn tls_fixture(name: &str) -> String {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/tls").join(name);
+    path_str(&p).to_owned()
+}
+
+/// `--tls-cert` and `--tls-key` of a server with the test certificate.
+fn server_tls_args() -> Vec<String> {
+    vec!["--tls-cert".into(), tls_fixture("server.pem"), "--tls-key".into(), tls_fixture("server.key")]
+}
+
 impl Cluster {
     fn start(data: Data, workers: usize, lease_ttl: &'static str) -> Self {
+        Self::start_with(data, workers, lease_ttl, false)
+    }
+
+    fn start_with(data: Data, workers: usize, lease_ttl: &'static str, tls: bool) -> Self {
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         let metrics = free_addr();
         let (coordinator, addr) =
-            spawn_coordinator(&data, "127.0.0.1:0".parse().unwrap(), metrics, lease_ttl, 0);
-        let mut c = Cluster { coordinator, workers: vec![], addr, metrics, lease_ttl, restarts: 0, rt, data };
+            spawn_coordinator(&data, "127.0.0.1:0".parse().unwrap(), metrics, lease_ttl, 0, tls);
+        let mut c =
+            Cluster { coordinator, workers: vec![], addr, metrics, lease_ttl, restarts: 0, tls, rt, data };
         c.wait_serving();
         for i in 0..workers {
             c.add_worker(&format!("w{i}"));
@@ -236,49 +258,72 @@ impl Cluster {
         c
     }
 
+    /// The coordinator's URL: `http://127.0.0.1:PORT`, or with TLS `https://localhost:PORT` (the
+    /// test certificate names both `localhost` and 127.0.0.1).
     fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        if self.tls {
+            format!("https://localhost:{}", self.addr.port())
+        } else {
+            format!("http://{}", self.addr)
+        }
+    }
+
+    /// The coordinator as the test's own gRPC client dials it.
+    fn target(&self) -> Target {
+        Target::new(self.url()).with_tls_ca(self.tls.then(|| tls_fixture("ca.pem").into()))
+    }
+
+    /// `--tls-ca` for a client of this cluster (none without TLS).
+    fn client_tls_args(&self) -> Vec<String> {
+        if self.tls { vec!["--tls-ca".into(), tls_fixture("ca.pem")] } else { vec![] }
     }
 
     fn add_worker(&mut self, id: &str) {
         let metrics = free_addr();
+        let grpc = self.tls.then(free_addr);
         let (url, m) = (self.url(), metrics.to_string());
+        let listen = grpc.map_or("127.0.0.1:0".to_owned(), |a| a.to_string());
         let config = self.data.path("worker.toml");
-        let mut proc = Proc::spawn(
-            &format!("worker {id}"),
-            &[
-                "serve",
-                "teacher",
-                "--config",
-                path_str(&config),
-                "--coordinator",
-                &url,
-                "--listen",
-                "127.0.0.1:0",
-                "--metrics-listen",
-                &m,
-                "--teacher",
-                &self.data.teacher,
-                "--worker-id",
-                id,
-                "--decode-threads",
-                "1",
-            ],
-            self.data.path(&format!("worker-{id}.log")),
-            None,
-        );
+        let mut args: Vec<String> = [
+            "serve",
+            "teacher",
+            "--config",
+            path_str(&config),
+            "--coordinator",
+            &url,
+            "--listen",
+            &listen,
+            "--metrics-listen",
+            &m,
+            "--teacher",
+            &self.data.teacher,
+            "--worker-id",
+            id,
+            "--decode-threads",
+            "1",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        if self.tls {
+            args.extend(self.client_tls_args());
+            args.extend(server_tls_args());
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let mut proc =
+            Proc::spawn(&format!("worker {id}"), &args, self.data.path(&format!("worker-{id}.log")), None);
         wait_for(&format!("worker {id} to serve metrics"), DEADLINE, || {
             if let Some(s) = proc.exited() {
                 panic!("worker {id} exited early ({s}):\n{}", proc.log_tail(40));
             }
             http_get(metrics, "/metrics")
         });
-        self.workers.push(Worker { proc, metrics });
+        self.workers.push(Worker { proc, metrics, grpc });
     }
 
     /// Waits until the coordinator answers gRPC calls.
     fn wait_serving(&mut self) {
-        let url = self.url();
+        let url = self.target();
         let coordinator = &mut self.coordinator;
         let rt = &self.rt;
         wait_for("the coordinator to answer ListJobs", DEADLINE, || {
@@ -294,7 +339,7 @@ impl Cluster {
         self.coordinator.kill();
         self.restarts += 1;
         let (proc, addr) =
-            spawn_coordinator(&self.data, self.addr, self.metrics, self.lease_ttl, self.restarts);
+            spawn_coordinator(&self.data, self.addr, self.metrics, self.lease_ttl, self.restarts, self.tls);
         assert_eq!(addr, self.addr, "the restarted coordinator must listen where the workers look");
         self.coordinator = proc;
         self.wait_serving();
@@ -316,18 +361,18 @@ impl Cluster {
     }
 
     fn get_job(&self, id: &str) -> v1::Job {
-        self.rt.block_on(get_job(self.url(), id.to_owned())).unwrap_or_else(|e| panic!("GetJob {id}: {e}"))
+        self.rt.block_on(get_job(self.target(), id.to_owned())).unwrap_or_else(|e| panic!("GetJob {id}: {e}"))
     }
 
     fn submit(&self, spec: v1::LabelJobSpec) -> v1::SubmitLabelJobResponse {
-        self.rt.block_on(submit(self.url(), spec)).unwrap_or_else(|e| panic!("SubmitLabelJob: {e}"))
+        self.rt.block_on(submit(self.target(), spec)).unwrap_or_else(|e| panic!("SubmitLabelJob: {e}"))
     }
 
     /// Polls GetJob until the job ends.
     fn wait_job(&self, id: &str) -> v1::Job {
         wait_for(&format!("job {id} to end"), DEADLINE, || {
             // The coordinator may be restarting: a failed call is retried until the deadline.
-            let job = self.rt.block_on(get_job(self.url(), id.to_owned())).ok()?;
+            let job = self.rt.block_on(get_job(self.target(), id.to_owned())).ok()?;
             is_terminal(job.state).then_some(job)
         })
     }
@@ -367,6 +412,7 @@ impl Cluster {
         .iter()
         .map(|s| s.to_string())
         .chain(["--views".into(), views.to_string(), "--shard-size".into(), shard_size.to_string()])
+        .chain(self.client_tls_args())
         .collect()
     }
 
@@ -432,26 +478,26 @@ fn spawn_coordinator(
     metrics: SocketAddr,
     lease_ttl: &str,
     generation: u32,
+    tls: bool,
 ) -> (Proc, SocketAddr) {
     let state = data.path("coordinator-state");
     std::fs::create_dir_all(&state).unwrap();
     let addr_file = state.join("coordinator.addr");
     let _ = std::fs::remove_file(&addr_file);
     let (l, m) = (listen.to_string(), metrics.to_string());
+    let mut args: Vec<String> =
+        ["serve", "coordinator", "--state-dir", path_str(&state), "--listen", &l, "--metrics-listen", &m]
+            .iter()
+            .map(|s| s.to_string())
+            .chain(["--lease-ttl".to_owned(), lease_ttl.to_owned()])
+            .collect();
+    if tls {
+        args.extend(server_tls_args());
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let mut proc = Proc::spawn(
         &format!("coordinator #{generation}"),
-        &[
-            "serve",
-            "coordinator",
-            "--state-dir",
-            path_str(&state),
-            "--listen",
-            &l,
-            "--metrics-listen",
-            &m,
-            "--lease-ttl",
-            lease_ttl,
-        ],
+        &args,
         data.path(&format!("coordinator-{generation}.log")),
         None,
     );
@@ -475,21 +521,25 @@ fn label_result(proc: &Proc, status: ExitStatus, out: &Path) -> Value {
 }
 
 // The generated client's type names tonic's `Channel`, which this crate does not depend on:
-// every call connects afresh (cheap on loopback) and the client type stays inferred.
+// every call connects afresh (cheap on loopback; TLS when the target is `https://`) and the client
+// type stays inferred.
 
-async fn get_job(url: String, job_id: String) -> Result<v1::Job, String> {
-    let mut c = CoordinatorServiceClient::connect(url).await.map_err(|e| e.to_string())?;
+async fn get_job(target: Target, job_id: String) -> Result<v1::Job, String> {
+    let ch = target.connect(Duration::from_secs(10)).await.map_err(|e| e.to_string())?;
+    let mut c = CoordinatorServiceClient::new(ch);
     c.get_job(v1::GetJobRequest { job_id }).await.map(|r| r.into_inner()).map_err(|s| s.to_string())
 }
 
-async fn list_jobs(url: String) -> Result<Vec<v1::Job>, String> {
-    let mut c = CoordinatorServiceClient::connect(url).await.map_err(|e| e.to_string())?;
+async fn list_jobs(target: Target) -> Result<Vec<v1::Job>, String> {
+    let ch = target.connect(Duration::from_secs(10)).await.map_err(|e| e.to_string())?;
+    let mut c = CoordinatorServiceClient::new(ch);
     let r = c.list_jobs(v1::ListJobsRequest::default()).await.map_err(|s| s.to_string())?;
     Ok(r.into_inner().jobs)
 }
 
-async fn submit(url: String, spec: v1::LabelJobSpec) -> Result<v1::SubmitLabelJobResponse, String> {
-    let mut c = CoordinatorServiceClient::connect(url).await.map_err(|e| e.to_string())?;
+async fn submit(target: Target, spec: v1::LabelJobSpec) -> Result<v1::SubmitLabelJobResponse, String> {
+    let ch = target.connect(Duration::from_secs(10)).await.map_err(|e| e.to_string())?;
+    let mut c = CoordinatorServiceClient::new(ch);
     let req = v1::SubmitLabelJobRequest { spec: Some(spec) };
     c.submit_label_job(req).await.map(|r| r.into_inner()).map_err(|s| s.to_string())
 }
@@ -778,4 +828,110 @@ fn python_grpcio_client_submits_and_watches_a_job() {
     assert_eq!(job.teacher_fingerprint, out["teacher_fingerprint"].as_str().unwrap());
     c.assert_exactly_once(&job.teacher_fingerprint, views);
     println!("python client: {:.1}s", t0.elapsed().as_secs_f64());
+}
+
+/// TLS between every component, through the CLI: `serve coordinator --tls-cert --tls-key`, a worker
+/// (`serve teacher`) that dials it with `--tls-ca` and serves its own TeacherService with
+/// `--tls-cert --tls-key`, and `label --coordinator https://localhost:PORT --tls-ca` labelling every
+/// face once. `label` without a CA or trusting another CA fails, saying why, and submits nothing.
+/// Then `serve trainer` over TLS runs what `train --trainer https://... --tls-ca` submits.
+#[test]
+fn tls_between_every_component() {
+    let _serial = serial();
+    let t0 = Instant::now();
+    let data = Data::new(60);
+    let c = Cluster::start_with(data, 1, "10s", true);
+    assert!(c.url().starts_with("https://localhost:"), "{}", c.url());
+
+    let out = c.label(1, 1, 20);
+    assert_eq!(out["images_done"].as_u64(), Some(60), "{out}");
+    assert_eq!(out["rows_written"].as_u64(), Some(120), "{out}");
+    assert_eq!(out["poisoned"].as_array().map(Vec::len), Some(0), "{out}");
+    c.assert_exactly_once(out["teacher_fingerprint"].as_str().unwrap(), 1);
+
+    // The worker's TeacherService answers over TLS, to a client trusting the CA.
+    let worker = c.workers[0].grpc.expect("the TLS worker's address");
+    let info = c.rt.block_on(async {
+        let ch = Target::new(format!("https://localhost:{}", worker.port()))
+            .with_tls_ca(Some(tls_fixture("ca.pem").into()))
+            .connect(Duration::from_secs(10))
+            .await
+            .expect("dial the worker over TLS");
+        let mut client = v1::teacher_service_client::TeacherServiceClient::new(ch);
+        client.model_info(v1::ModelInfoRequest {}).await.expect("ModelInfo over TLS").into_inner()
+    });
+    assert_eq!(info.fingerprint, out["teacher_fingerprint"].as_str().unwrap(), "{info:?}");
+
+    // Clients without the right CA are refused before any gRPC call, with the reason.
+    let jobs_before = c.rt.block_on(list_jobs(c.target())).unwrap().len();
+    let args = c.label_args(1, 20);
+    let ca_flag = args.iter().position(|a| a == "--tls-ca").expect("label gets --tls-ca");
+    for (ca, expect) in [(None, "no CA certificate"), (Some("other-ca.pem"), "invalid peer certificate")] {
+        let mut a = args.clone();
+        match ca {
+            Some(name) => a[ca_flag + 1] = tls_fixture(name),
+            None => {
+                a.remove(ca_flag);
+                a.remove(ca_flag);
+            }
+        }
+        let a: Vec<&str> = a.iter().map(String::as_str).collect();
+        let o = distillery(&a).env_remove("DISTILLERY_TLS_CA").output().expect("spawn label");
+        let stderr = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(1), "label with CA {ca:?}:\n{stderr}");
+        assert!(stderr.contains(expect), "label with CA {ca:?} should say `{expect}`:\n{stderr}");
+    }
+    assert_eq!(
+        c.rt.block_on(list_jobs(c.target())).unwrap().len(),
+        jobs_before,
+        "a refused client submitted"
+    );
+
+    // The trainer over TLS, with `train --trainer` as its client.
+    let trainer_addr = free_addr();
+    let state = c.data.path("trainer-state");
+    let mut trainer_args: Vec<String> = [
+        "serve",
+        "trainer",
+        "--listen",
+        &trainer_addr.to_string(),
+        "--state-dir",
+        path_str(&state),
+        "--no-plots",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    trainer_args.extend(server_tls_args());
+    let trainer_args: Vec<&str> = trainer_args.iter().map(String::as_str).collect();
+    let mut trainer = Proc::spawn("trainer", &trainer_args, c.data.path("trainer.log"), None);
+    let trainer_url = format!("https://localhost:{}", trainer_addr.port());
+    let trainer_target = Target::new(trainer_url.as_str()).with_tls_ca(Some(tls_fixture("ca.pem").into()));
+    wait_for("the trainer to accept TLS connections", DEADLINE, || {
+        if let Some(s) = trainer.exited() {
+            panic!("trainer exited early ({s}):\n{}", trainer.log_tail(40));
+        }
+        c.rt.block_on(trainer_target.connect(Duration::from_secs(2))).ok()
+    });
+    let student = format!("tiny@{SIDE}");
+    let ca = tls_fixture("ca.pem");
+    let stdout = run_ok(&[
+        "train",
+        "--trainer",
+        &trainer_url,
+        "--tls-ca",
+        &ca,
+        "--faces",
+        &c.data.faces,
+        "--student",
+        &student,
+        "--set",
+        "optim.steps=2",
+        "--set",
+        "data.batch_size=16",
+        "--no-progress",
+    ]);
+    assert!(stdout.contains("submitted run"), "{stdout}");
+    assert!(stdout.contains(": Completed"), "the run did not complete:\n{stdout}");
+    println!("TLS cluster and trainer: {:.1}s", t0.elapsed().as_secs_f64());
 }

@@ -7,13 +7,8 @@ use std::time::Duration;
 use distillery_core::Error;
 use serde::{Deserialize, Serialize};
 
-/// Certificate and private key (PEM) for serving gRPC over TLS.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TlsPaths {
-    pub cert: PathBuf,
-    pub key: PathBuf,
-}
+/// Certificate and private key (PEM) for serving gRPC over TLS (shared by every server).
+pub use distillery_proto::transport::TlsPaths;
 
 /// Everything a coordinator process needs. Durations are written as `"30s"`, `"500ms"`, `"2m"`
 /// or a number of seconds.
@@ -102,11 +97,7 @@ impl CoordinatorConfig {
             return Err(Error::config("auth_token", "must be non-empty without whitespace"));
         }
         if let Some(tls) = &self.tls {
-            for (key, p) in [("tls.cert", &tls.cert), ("tls.key", &tls.key)] {
-                if !p.is_file() {
-                    return Err(Error::config(key, format!("{} is not a readable file", p.display())));
-                }
-            }
+            tls.check().map_err(|(key, reason)| Error::config(key, reason))?;
         }
         if !(1024..=(1 << 30)).contains(&self.max_message_bytes) {
             return Err(Error::config(

@@ -9,11 +9,11 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use distillery_proto::server::ServerTask;
 use distillery_proto::v1::coordinator_service_server::CoordinatorServiceServer;
-use tokio::sync::{oneshot, watch};
-use tokio::task::JoinHandle;
+use tokio::sync::watch;
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::{Identity, Server, ServerTlsConfig};
+use tonic::transport::Server;
 
 use crate::backend::{CacheCommitter, ShardPlanner};
 use crate::clock::{Clock, SystemClock};
@@ -42,6 +42,10 @@ pub enum ServeError {
         #[source]
         source: std::io::Error,
     },
+    #[error(transparent)]
+    TlsFile(#[from] distillery_proto::transport::TlsFileError),
+    #[error("TLS certificate {cert} and key {key}: {reason}")]
+    Tls { cert: String, key: String, reason: String },
     #[error("gRPC transport: {0}")]
     Transport(#[from] tonic::transport::Error),
     #[error("server task: {0}")]
@@ -77,8 +81,8 @@ pub struct RunningCoordinator {
     pub metrics_addr: Option<SocketAddr>,
     /// The domain object, for in-process callers (e.g. `label --local`) and tests.
     pub coordinator: Coordinator,
-    shutdown: Option<oneshot::Sender<()>>,
-    task: Option<JoinHandle<Result<(), ServeError>>>,
+    /// Stops the server when dropped.
+    server: ServerTask<ServeError>,
 }
 
 impl RunningCoordinator {
@@ -88,22 +92,8 @@ impl RunningCoordinator {
     }
 
     /// Stops accepting calls, lets running calls finish, and waits for the server to stop.
-    pub async fn shutdown(mut self) -> Result<(), ServeError> {
-        if let Some(tx) = self.shutdown.take() {
-            let _ = tx.send(());
-        }
-        match self.task.take() {
-            Some(t) => t.await.map_err(|e| ServeError::Join(e.to_string()))?,
-            None => Ok(()),
-        }
-    }
-}
-
-impl Drop for RunningCoordinator {
-    fn drop(&mut self) {
-        if let Some(tx) = self.shutdown.take() {
-            let _ = tx.send(());
-        }
+    pub async fn shutdown(self) -> Result<(), ServeError> {
+        self.server.shutdown().await.map_err(|e| ServeError::Join(e.to_string()))?
     }
 }
 
@@ -206,12 +196,11 @@ pub async fn spawn_with(
 
     let mut builder = Server::builder();
     if let Some(tls) = &cfg.tls {
-        let read = |p: &std::path::Path| {
-            std::fs::read(p)
-                .map_err(|source| ServeError::Io { what: format!("read {}", p.display()), source })
-        };
-        let identity = Identity::from_pem(read(&tls.cert)?, read(&tls.key)?);
-        builder = builder.tls_config(ServerTlsConfig::new().identity(identity))?;
+        builder = builder.tls_config(tls.server_config()?).map_err(|e| ServeError::Tls {
+            cert: tls.cert.display().to_string(),
+            key: tls.key.display().to_string(),
+            reason: distillery_proto::transport::error_chain(&e),
+        })?;
     }
     // Only the Distillery service needs the token: kubelet gRPC probes cannot send one.
     let router = builder
@@ -219,13 +208,12 @@ pub async fn spawn_with(
         .add_service(health)
         .add_service(reflection);
 
-    let (shutdown_tx, shutdown_rx) = oneshot::channel::<()>();
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
-    let task = {
+    let server = {
         let reporter = reporter.clone();
-        tokio::spawn(async move {
+        ServerTask::spawn(move |stop| async move {
             let signal = async move {
-                let _ = shutdown_rx.await;
+                stop.await;
                 reporter.set_not_serving::<CoordinatorServiceServer<CoordinatorGrpc>>().await;
                 reporter.set_service_status("", tonic_health::ServingStatus::NotServing).await;
                 let _ = closing_tx.send(true);
@@ -239,13 +227,7 @@ pub async fn spawn_with(
     reporter.set_serving::<CoordinatorServiceServer<CoordinatorGrpc>>().await;
     reporter.set_service_status("", tonic_health::ServingStatus::Serving).await;
     tracing::info!(%addr, state_dir = %cfg.state_dir.display(), tls = cfg.tls.is_some(), auth = cfg.auth_token.is_some(), "coordinator ready");
-    Ok(RunningCoordinator {
-        addr,
-        metrics_addr,
-        coordinator: core,
-        shutdown: Some(shutdown_tx),
-        task: Some(task),
-    })
+    Ok(RunningCoordinator { addr, metrics_addr, coordinator: core, server })
 }
 
 /// Resolves on SIGINT (Ctrl-C) or SIGTERM.

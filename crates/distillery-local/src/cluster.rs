@@ -4,6 +4,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use distillery_coordinator::{CoordinatorConfig, RunningCoordinator};
+use distillery_proto::transport::Target;
 use distillery_teacher::worker::{RunningWorker, spawn_worker};
 use distillery_teacher::{WorkerConfig, default_storage};
 
@@ -75,9 +76,9 @@ impl LocalCluster {
         Ok(Self { coordinator, workers })
     }
 
-    /// `http://127.0.0.1:PORT` of the coordinator.
-    pub fn endpoint(&self) -> String {
-        self.coordinator.endpoint(false)
+    /// The coordinator, `http://127.0.0.1:PORT` (the embedded cluster is plaintext on loopback).
+    pub fn endpoint(&self) -> Target {
+        Target::new(self.coordinator.endpoint(false))
     }
 
     /// Drains the workers, then stops the coordinator.

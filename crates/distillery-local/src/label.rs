@@ -10,11 +10,12 @@ use std::error::Error as _;
 use std::time::{Duration, Instant};
 
 use distillery_proto::auth::AttachBearer;
+use distillery_proto::transport::{ConnectError, Target};
 use distillery_proto::v1::coordinator_service_client::CoordinatorServiceClient;
 use distillery_proto::v1::{self, JobState};
 use distillery_teacher::TeacherSpec;
 use tokio_stream::StreamExt;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use tonic::{Code, Status};
 
 use crate::error::{Error, Result};
@@ -101,14 +102,12 @@ pub fn proto_teacher(spec: &TeacherSpec) -> Result<v1::TeacherSpec> {
 type Client =
     CoordinatorServiceClient<tonic::service::interceptor::InterceptedService<Channel, AttachBearer>>;
 
-async fn connect(endpoint: &str, token: Option<&str>) -> Result<Client> {
-    let conn = |reason: String| Error::Connect { endpoint: endpoint.to_owned(), reason };
-    let channel = Endpoint::from_shared(endpoint.to_owned())
-        .map_err(|e| conn(e.to_string()))?
-        .connect_timeout(Duration::from_secs(10))
-        .connect()
-        .await
-        .map_err(|e| conn(e.to_string()))?;
+async fn connect(coordinator: &Target, token: Option<&str>) -> Result<Client> {
+    let channel = coordinator.connect(Duration::from_secs(10)).await.map_err(|e| match e {
+        ConnectError::Unreachable { url, reason } => Error::Connect { endpoint: url, reason },
+        ConnectError::Url { .. } => Error::Invalid { what: "coordinator URL", reason: e.to_string() },
+        ConnectError::TlsCa(reason) => Error::Invalid { what: "TLS CA", reason },
+    })?;
     let bearer = AttachBearer::new(token, "auth token")
         .map_err(|reason| Error::Invalid { what: "auth token", reason })?;
     Ok(CoordinatorServiceClient::with_interceptor(channel, bearer).max_decoding_message_size(64 << 20))
@@ -204,28 +203,30 @@ impl Outage {
     }
 }
 
-/// Submits `req` to the coordinator at `endpoint` and follows the job through `WatchJob` until it
-/// ends, calling `on_progress` on every event. Returns the final job; an error when it failed or
-/// was cancelled (a job with poisoned shards returns normally: check `poisoned`). A coordinator
-/// restart while following is ridden out with the default [`Reconnect`] policy.
+/// Submits `req` to the coordinator (its URL, and for `https://` the CA to verify it with) and
+/// follows the job through `WatchJob` until it ends, calling `on_progress` on every event. Returns
+/// the final job; an error when it failed or was cancelled (a job with poisoned shards returns
+/// normally: check `poisoned`). A coordinator restart while following is ridden out with the
+/// default [`Reconnect`] policy.
 pub async fn submit_and_wait(
-    endpoint: &str,
+    coordinator: &Target,
     token: Option<&str>,
     req: &LabelRequest,
     on_progress: impl FnMut(&JobProgress),
 ) -> Result<v1::Job> {
-    submit_and_wait_with(endpoint, token, req, Reconnect::default(), on_progress).await
+    submit_and_wait_with(coordinator, token, req, Reconnect::default(), on_progress).await
 }
 
 /// [`submit_and_wait`] with an explicit reconnect policy.
 pub async fn submit_and_wait_with(
-    endpoint: &str,
+    coordinator: &Target,
     token: Option<&str>,
     req: &LabelRequest,
     reconnect: Reconnect,
     mut on_progress: impl FnMut(&JobProgress),
 ) -> Result<v1::Job> {
-    let mut client = connect(endpoint, token).await?;
+    let endpoint = coordinator.url.as_str();
+    let mut client = connect(coordinator, token).await?;
     let spec = v1::LabelJobSpec {
         faces_uri: req.faces_uri.clone(),
         cache_uri: req.cache_uri.clone(),

@@ -13,6 +13,7 @@ use distillery_coordinator::{
 };
 use distillery_core::TeacherFingerprint;
 use distillery_local::{Error, JobProgress, LabelRequest, Reconnect, submit_and_wait, submit_and_wait_with};
+use distillery_proto::transport::Target;
 use distillery_proto::v1;
 use distillery_teacher::TeacherSpec;
 use tokio::sync::mpsc;
@@ -73,7 +74,7 @@ async fn the_client_follows_a_job_across_a_coordinator_restart() {
     b.add_dataset(FACES, &[5, 3]);
     let first = start(dir.path(), SocketAddr::from(([127, 0, 0, 1], 0)), &b).await;
     let addr = first.addr;
-    let endpoint = first.endpoint(false);
+    let endpoint = Target::new(first.endpoint(false));
 
     let (tx, mut rx) = mpsc::unbounded_channel();
     let client = tokio::spawn(async move {
@@ -117,7 +118,7 @@ async fn the_client_gives_up_when_the_coordinator_stays_away() {
     let b = Arc::new(MemoryBackend::new());
     b.add_dataset(FACES, &[5, 3]);
     let only = start(dir.path(), SocketAddr::from(([127, 0, 0, 1], 0)), &b).await;
-    let endpoint = only.endpoint(false);
+    let endpoint = Target::new(only.endpoint(false));
     let policy = Reconnect {
         initial: Duration::from_millis(20),
         max: Duration::from_millis(100),

@@ -3,10 +3,14 @@
 //!
 //! The `.proto` files in `proto/distillery/v1/` are the source of truth; `docs/api.md` is derived
 //! from their comments. Services: `CoordinatorService` (jobs and shard leases), `TeacherService`
-//! (inference on a worker) and `TrainerService` (training runs).
+//! (inference on a worker) and `TrainerService` (training runs). [`auth`], [`transport`] and
+//! [`server`] hold what every server and client shares: the bearer token, TLS, how a client dials a
+//! service, and the handle of a running server.
 
 pub mod auth;
 pub mod convert;
+pub mod server;
+pub mod transport;
 
 /// Package `distillery.v1`: messages, enums, `*_client` and `*_server` modules.
 #[allow(clippy::all, missing_docs, rust_2018_idioms)]

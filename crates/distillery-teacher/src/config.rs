@@ -1,8 +1,10 @@
 //! Configuration of a teacher worker, as given on the command line or in a TOML file.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
+use distillery_proto::transport::{ConnectError, Target, TlsPaths};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
@@ -13,8 +15,14 @@ use crate::pipeline::PipelineConfig;
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct WorkerConfig {
-    /// Coordinator URL, e.g. `http://127.0.0.1:50051`.
+    /// Coordinator URL, e.g. `http://127.0.0.1:50051`, or `https://` with [`WorkerConfig::tls_ca`].
     pub coordinator: String,
+    /// PEM certificate of the CA that signed the coordinator's certificate; required with an
+    /// `https://` coordinator, refused with `http://`.
+    pub tls_ca: Option<PathBuf>,
+    /// When set, the worker's `TeacherService` is served over TLS (a `[tls]` table with `cert`
+    /// and `key`, PEM).
+    pub tls: Option<TlsPaths>,
     /// Where the worker's `TeacherService` listens; port 0 picks a free port.
     pub listen: SocketAddr,
     /// `host:port` the coordinator should give clients for this worker; default: the bound address.
@@ -50,6 +58,8 @@ impl Default for WorkerConfig {
     fn default() -> Self {
         Self {
             coordinator: "http://127.0.0.1:50051".into(),
+            tls_ca: None,
+            tls: None,
             listen: SocketAddr::from(([0, 0, 0, 0], 50061)),
             advertise: None,
             metrics_listen: None,
@@ -85,9 +95,12 @@ impl WorkerConfig {
 
     /// Checks every field; the error names the offending key.
     pub fn validate(&self) -> Result<()> {
-        let c = self.coordinator.trim();
-        if !(c.starts_with("http://") || c.starts_with("https://")) || c.len() <= "https://".len() {
-            return Err(Error::config("coordinator", format!("`{c}` is not an http:// or https:// URL")));
+        self.coordinator_target().check().map_err(|e| match e {
+            ConnectError::Url { .. } => Error::config("coordinator", e.to_string()),
+            other => Error::config("tls_ca", other.to_string()),
+        })?;
+        if let Some(tls) = &self.tls {
+            tls.check().map_err(|(key, reason)| Error::config(key, reason))?;
         }
         if let Some(a) = &self.advertise
             && (a.is_empty() || !a.contains(':'))
@@ -140,6 +153,11 @@ impl WorkerConfig {
         Ok(())
     }
 
+    /// The coordinator's URL and the CA to verify it with.
+    pub fn coordinator_target(&self) -> Target {
+        Target::new(self.coordinator.trim()).with_tls_ca(self.tls_ca.clone())
+    }
+
     /// The pipeline sizes implied by this configuration.
     pub fn pipeline(&self) -> PipelineConfig {
         PipelineConfig {
@@ -172,6 +190,23 @@ mod tests {
     }
 
     #[test]
+    fn tls_keys_in_toml() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/tls");
+        let p = |f: &str| dir.join(f).display().to_string();
+        let text = format!(
+            "coordinator = \"https://localhost:1\"\ntls_ca = \"{}\"\n[tls]\ncert = \"{}\"\nkey = \"{}\"\n",
+            p("ca.pem"),
+            p("server.pem"),
+            p("server.key")
+        );
+        let cfg = WorkerConfig::from_toml(&text, "w.toml").unwrap();
+        assert_eq!(cfg.tls_ca.as_deref(), Some(dir.join("ca.pem").as_path()));
+        assert_eq!(cfg.tls.unwrap().key, dir.join("server.key"));
+        let e = WorkerConfig::from_toml("[tls]\ncert = \"/x\"\n", "w.toml").unwrap_err().to_string();
+        assert!(e.contains("key"), "{e}");
+    }
+
+    #[test]
     fn validate_names_the_key() {
         type Breaker = Box<dyn Fn(&mut WorkerConfig)>;
         let bad: Vec<(&str, Breaker)> = vec![
@@ -183,6 +218,9 @@ mod tests {
             ("teacher", Box::new(|c| c.teacher = Some("nothing-like-this".into()))),
             ("auth_token", Box::new(|c| c.auth_token = Some(" ".into()))),
             ("max_message_bytes", Box::new(|c| c.max_message_bytes = 10)),
+            ("tls_ca", Box::new(|c| c.coordinator = "https://c:1".into())),
+            ("tls_ca", Box::new(|c| c.tls_ca = Some("/etc/hostname".into()))),
+            ("tls.cert", Box::new(|c| c.tls = Some(TlsPaths { cert: "/nope".into(), key: "/nope".into() }))),
         ];
         for (key, f) in bad {
             let mut c = WorkerConfig::default();

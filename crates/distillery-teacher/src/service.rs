@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Instant;
 
+use distillery_proto::server::ServerTask;
 use distillery_proto::v1;
 use distillery_proto::v1::teacher_service_server::{TeacherService, TeacherServiceServer};
 use futures::StreamExt;
@@ -271,16 +272,37 @@ impl TeacherService for TeacherServer {
 pub struct ServerOptions {
     pub auth_token: Option<String>,
     pub max_message_bytes: usize,
+    /// Serve over TLS with this certificate and key.
+    pub tls: Option<distillery_proto::transport::TlsPaths>,
 }
 
 /// A running `TeacherService`.
 pub struct TeacherServerHandle {
     pub addr: SocketAddr,
     pub slot: EngineSlot,
-    pub task: tokio::task::JoinHandle<Result<()>>,
+    /// The server's task. It stops when the `shutdown` future given to [`serve`] resolves, or when
+    /// it is stopped through this handle ([`TeacherServerHandle::shutdown`], or dropping it).
+    pub task: ServerTask<Error>,
 }
 
-/// Binds `listen` and serves the teacher, health and reflection services until `shutdown` resolves.
+impl TeacherServerHandle {
+    /// Stops the server, lets running calls finish, and waits for it.
+    pub async fn shutdown(self) -> Result<()> {
+        self.task.shutdown().await.map_err(server_task_failed)?
+    }
+
+    /// Waits for the server to stop on the `shutdown` future given to [`serve`].
+    pub async fn wait(self) -> Result<()> {
+        self.task.wait().await.map_err(server_task_failed)?
+    }
+}
+
+fn server_task_failed(e: tokio::task::JoinError) -> Error {
+    Error::Transport { what: "server task".into(), reason: e.to_string() }
+}
+
+/// Binds `listen` and serves the teacher, health and reflection services until `shutdown` resolves
+/// (or the returned handle stops the server).
 /// Health is `NOT_SERVING` until [`EngineSlot::set`] installs a teacher or
 /// [`EngineSlot::set_accepting_work`] says the worker can take work.
 pub async fn serve(
@@ -307,13 +329,32 @@ pub async fn serve(
         .max_decoding_message_size(opts.max_message_bytes)
         .max_encoding_message_size(opts.max_message_bytes);
     let auth = distillery_proto::auth::BearerAuth::new(opts.auth_token.as_deref());
-    let router = tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = &opts.tls {
+        let tls_error = |reason: String| Error::Transport { what: "TeacherService TLS".into(), reason };
+        let config = tls.server_config().map_err(|e| tls_error(e.to_string()))?;
+        builder = builder.tls_config(config).map_err(|e| {
+            tls_error(format!(
+                "certificate {} and key {}: {}",
+                tls.cert.display(),
+                tls.key.display(),
+                distillery_proto::transport::error_chain(&e)
+            ))
+        })?;
+    }
+    let router = builder
         .add_service(health_service)
         .add_service(reflection)
         .add_service(tonic::service::interceptor::InterceptedService::new(teacher, auth));
     let incoming = TcpListenerStream::new(listener);
-    let task = tokio::spawn(async move {
-        router.serve_with_incoming_shutdown(incoming, shutdown).await.map_err(|e| Error::Transport {
+    let task = ServerTask::spawn(move |stop| async move {
+        let signal = async move {
+            tokio::select! {
+                () = shutdown => {}
+                () = stop => {}
+            }
+        };
+        router.serve_with_incoming_shutdown(incoming, signal).await.map_err(|e| Error::Transport {
             what: format!("TeacherService on {addr}"),
             reason: e.to_string(),
         })

@@ -20,11 +20,12 @@ use candle_core::Device;
 use distillery_data::FaceRecord;
 use distillery_models::teacher::TeacherInfo;
 use distillery_proto::auth::AttachBearer;
+use distillery_proto::transport::{ConnectError, Target};
 use distillery_proto::v1;
 use distillery_proto::v1::coordinator_service_client::CoordinatorServiceClient;
 use tokio::sync::watch;
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 use crate::config::WorkerConfig;
 use crate::engine::Engine;
@@ -104,7 +105,15 @@ pub async fn spawn_worker(cfg: WorkerConfig, storage: Arc<dyn ShardStorage>) -> 
             let _ = rx.wait_for(|s| *s).await;
         }
     };
-    let opts = ServerOptions { auth_token: cfg.auth_token.clone(), max_message_bytes: cfg.max_message_bytes };
+    // A CA file that cannot be used is a configuration error now, not a retry loop. It is read
+    // again at each registration, so a renewed CA is picked up.
+    let coordinator = cfg.coordinator_target();
+    coordinator.endpoint().map_err(|e| Error::config("tls_ca", e.to_string()))?;
+    let opts = ServerOptions {
+        auth_token: cfg.auth_token.clone(),
+        max_message_bytes: cfg.max_message_bytes,
+        tls: cfg.tls.clone(),
+    };
     let server = serve(cfg.listen, opts, server_shutdown).await?;
     let metrics_addr = match cfg.metrics_listen {
         Some(a) => {
@@ -123,6 +132,7 @@ pub async fn spawn_worker(cfg: WorkerConfig, storage: Arc<dyn ShardStorage>) -> 
     let worker = Worker {
         device_name: cfg.device.trim().to_ascii_lowercase(),
         cfg,
+        coordinator,
         id: worker_id.clone(),
         advertise,
         metrics: metrics.clone(),
@@ -133,14 +143,10 @@ pub async fn spawn_worker(cfg: WorkerConfig, storage: Arc<dyn ShardStorage>) -> 
         loaded: None,
         stop: stop_rx,
     };
-    let server_task = server.task;
     let handle = tokio::spawn(async move {
         let r = worker.run().await;
         let _ = server_stop.send(true);
-        let served = server_task
-            .await
-            .map_err(|e| Error::Transport { what: "server task".into(), reason: e.to_string() });
-        r.and(served.and_then(|s| s))
+        r.and(server.wait().await)
     });
     Ok(RunningWorker { addr, metrics_addr, worker_id, metrics, handle, stop })
 }
@@ -210,6 +216,8 @@ enum Outcome {
 
 struct Worker {
     cfg: WorkerConfig,
+    /// The coordinator's URL and CA.
+    coordinator: Target,
     id: String,
     advertise: String,
     metrics: Arc<Metrics>,
@@ -313,12 +321,11 @@ impl Worker {
     }
 
     async fn register(&self) -> Result<Session> {
-        let endpoint = Endpoint::from_shared(self.cfg.coordinator.clone())
-            .map_err(|e| Error::config("coordinator", e.to_string()))?
-            .connect_timeout(Duration::from_secs(5));
-        let channel = endpoint.connect().await.map_err(|e| Error::Transport {
-            what: format!("connecting to {}", self.cfg.coordinator),
-            reason: e.to_string(),
+        let channel = self.coordinator.connect(Duration::from_secs(5)).await.map_err(|e| match e {
+            ConnectError::Unreachable { url, reason } => {
+                Error::Transport { what: format!("connecting to {url}"), reason }
+            }
+            other => Error::config("tls_ca", other.to_string()),
         })?;
         let bearer = AttachBearer::new(self.cfg.auth_token.as_deref(), "auth_token")
             .map_err(|e| Error::config("auth_token", e))?;

@@ -20,7 +20,7 @@ const TOKEN: &str = "s3cret-token";
 
 async fn start(token: Option<&str>) -> (TeacherServerHandle, oneshot::Sender<()>) {
     let (tx, rx) = oneshot::channel::<()>();
-    let opts = ServerOptions { auth_token: token.map(str::to_string), max_message_bytes: 4 << 20 };
+    let opts = ServerOptions { auth_token: token.map(str::to_string), max_message_bytes: 4 << 20, tls: None };
     let h = serve(SocketAddr::from(([127, 0, 0, 1], 0)), opts, async {
         let _ = rx.await;
     })
@@ -82,7 +82,7 @@ async fn health_goes_from_not_serving_to_serving_when_a_teacher_loads() {
     h.slot.clear().await;
     assert_eq!(health(&ch, SERVICE_NAME).await, ServingStatus::NotServing);
     stop.send(()).unwrap();
-    h.task.await.unwrap().unwrap();
+    h.wait().await.unwrap();
 }
 
 #[tokio::test]

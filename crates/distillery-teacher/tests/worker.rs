@@ -10,8 +10,10 @@ use std::time::Duration;
 use distillery_core::FaceId;
 use distillery_data::{FaceRecord, Split};
 use distillery_models::teacher::TeacherInfo;
+use distillery_proto::transport::{Target, TlsPaths};
 use distillery_proto::v1;
 use distillery_proto::v1::coordinator_service_server::{CoordinatorService, CoordinatorServiceServer};
+use distillery_proto::v1::teacher_service_client::TeacherServiceClient;
 use distillery_teacher::pipeline::{MemorySink, RowSink};
 use distillery_teacher::service::SERVICE_NAME;
 use distillery_teacher::{ShardStorage, WorkerConfig, spawn_worker};
@@ -188,11 +190,24 @@ async fn start_fake(
     fake: Fake,
     addr: SocketAddr,
 ) -> (SocketAddr, oneshot::Sender<()>, tokio::task::JoinHandle<()>) {
+    start_fake_with(fake, addr, None).await
+}
+
+/// [`start_fake`], over TLS when `tls` is given.
+async fn start_fake_with(
+    fake: Fake,
+    addr: SocketAddr,
+    tls: Option<TlsPaths>,
+) -> (SocketAddr, oneshot::Sender<()>, tokio::task::JoinHandle<()>) {
     let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
     let bound = listener.local_addr().unwrap();
     let (tx, rx) = oneshot::channel::<()>();
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = tls {
+        builder = builder.tls_config(tls.server_config().unwrap()).unwrap();
+    }
     let task = tokio::spawn(async move {
-        tonic::transport::Server::builder()
+        builder
             .add_service(CoordinatorServiceServer::new(fake))
             .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), async {
                 let _ = rx.await;
@@ -410,4 +425,87 @@ async fn shutdown_releases_a_shard_that_outlasts_the_drain_timeout() {
     assert!(s.failed[0].retryable);
     assert!(s.failed[0].error.contains("shutting down"), "{}", s.failed[0].error);
     assert_eq!(s.leases_granted, 1);
+}
+
+fn tls_fixture(name: &str) -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/tls").join(name)
+}
+
+fn server_tls() -> TlsPaths {
+    TlsPaths { cert: tls_fixture("server.pem"), key: tls_fixture("server.key") }
+}
+
+/// A worker configured for the TLS fake at `addr`, trusting `ca`.
+fn tls_config(addr: SocketAddr, ca: &str) -> WorkerConfig {
+    WorkerConfig {
+        coordinator: format!("https://localhost:{}", addr.port()),
+        tls_ca: Some(tls_fixture(ca)),
+        ..config(addr)
+    }
+}
+
+/// Over TLS both ways: a worker trusting the test CA registers with a TLS coordinator (by DNS name
+/// `localhost`) and hands in every shard; its own `TeacherService`, served with `tls`, answers a
+/// client that trusts the CA and nothing to a plaintext one.
+#[tokio::test]
+async fn a_worker_with_the_ca_labels_for_a_tls_coordinator_and_serves_tls() {
+    let fake = Fake::new(3, 2, 0);
+    let (addr, _stop, _task) =
+        start_fake_with(fake.clone(), SocketAddr::from(([127, 0, 0, 1], 0)), Some(server_tls())).await;
+    let cfg = WorkerConfig { tls: Some(server_tls()), ..tls_config(addr, "ca.pem") };
+    let w = spawn_worker(cfg, Arc::new(MemStorage::default())).await.unwrap();
+    fake.until("three completions over TLS", |s| s.completed.len() == 3).await;
+    {
+        let s = fake.state.lock().unwrap();
+        assert_eq!(s.registrations, 1);
+        assert!(s.failed.is_empty(), "{:?}", s.failed);
+        assert!(s.completed.iter().all(|c| c.rows_written == 2), "{:?}", s.completed);
+    }
+
+    let worker = Target::new(format!("https://127.0.0.1:{}", w.addr.port()));
+    let ch = worker
+        .clone()
+        .with_tls_ca(Some(tls_fixture("ca.pem")))
+        .connect(Duration::from_secs(10))
+        .await
+        .unwrap();
+    let info = TeacherServiceClient::new(ch).model_info(v1::ModelInfoRequest {}).await.unwrap().into_inner();
+    assert!(info.name.starts_with("tiny"), "{info:?}");
+    let plaintext = async {
+        let ch =
+            tonic::transport::Channel::from_shared(format!("http://{}", w.addr)).unwrap().connect().await?;
+        TeacherServiceClient::new(ch).model_info(v1::ModelInfoRequest {}).await.map_err(Into::into)
+    };
+    let r: Result<_, Box<dyn std::error::Error>> =
+        tokio::time::timeout(Duration::from_secs(30), plaintext).await.expect("plaintext call hung");
+    assert!(r.is_err(), "a plaintext client got an answer from a TLS worker: {r:?}");
+    w.stop().await.unwrap();
+}
+
+/// A worker that trusts another CA never gets through the TLS handshake: the coordinator sees no
+/// RegisterWorker call while the worker counts failed attempts. A CA file that is no certificate is
+/// refused at start, naming the file.
+#[tokio::test]
+async fn a_worker_with_the_wrong_ca_never_registers() {
+    let fake = Fake::new(1, 2, 0);
+    let (addr, _stop, _task) =
+        start_fake_with(fake.clone(), SocketAddr::from(([127, 0, 0, 1], 0)), Some(server_tls())).await;
+    let w = spawn_worker(tls_config(addr, "other-ca.pem"), Arc::new(MemStorage::default())).await.unwrap();
+    let coordinator_errors = || w.metrics.errors(distillery_teacher::metrics::error_kind::COORDINATOR);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while coordinator_errors() < 3 {
+        assert!(tokio::time::Instant::now() < deadline, "the worker did not retry the coordinator");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    {
+        let s = fake.state.lock().unwrap();
+        assert_eq!((s.register_calls, s.leases_granted), (0, 0));
+    }
+    w.stop().await.unwrap();
+
+    let e = match spawn_worker(tls_config(addr, "server.key"), Arc::new(MemStorage::default())).await {
+        Ok(_) => panic!("a private key was accepted as the CA certificate"),
+        Err(e) => e.to_string(),
+    };
+    assert!(e.contains("`tls_ca`") && e.contains("server.key"), "{e}");
 }

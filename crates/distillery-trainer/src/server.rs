@@ -12,13 +12,13 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use distillery_proto::auth::{AttachBearer, BearerAuth};
+use distillery_proto::server::ServerTask;
+use distillery_proto::transport::{ConnectError, Target, TlsPaths, error_chain};
 use distillery_proto::v1::trainer_service_client::TrainerServiceClient;
 use distillery_proto::v1::trainer_service_server::TrainerServiceServer;
 use serde::{Deserialize, Serialize};
-use tokio::sync::oneshot;
-use tokio::task::JoinHandle;
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::{Channel, Endpoint, Server};
+use tonic::transport::{Channel, Server};
 
 use crate::service::{ServiceConfig, Trainer};
 use crate::{Error, Result};
@@ -49,6 +49,9 @@ pub struct TrainerServerConfig {
     /// Largest gRPC message accepted or sent by `TrainerService`, in bytes.
     #[serde(default = "default_max_message_bytes")]
     pub max_message_bytes: usize,
+    /// When set, gRPC is served over TLS (a `[tls]` table with `cert` and `key`, PEM).
+    #[serde(default)]
+    pub tls: Option<TlsPaths>,
 }
 
 pub fn default_listen() -> SocketAddr {
@@ -74,6 +77,7 @@ impl TrainerServerConfig {
             plots: default_plots(),
             auth_token: None,
             max_message_bytes: default_max_message_bytes(),
+            tls: None,
         }
     }
 
@@ -104,6 +108,9 @@ impl TrainerServerConfig {
                 format!("{} is not between 1 KiB and 1 GiB", self.max_message_bytes),
             ));
         }
+        if let Some(tls) = &self.tls {
+            tls.check().map_err(|(key, reason)| Error::config(key, reason))?;
+        }
         Ok(())
     }
 }
@@ -114,29 +121,15 @@ pub struct RunningTrainer {
     pub addr: SocketAddr,
     /// The service, for in-process callers and tests.
     pub trainer: Trainer,
-    shutdown: Option<oneshot::Sender<()>>,
-    task: Option<JoinHandle<Result<()>>>,
+    /// Stops the server when dropped.
+    server: ServerTask<Error>,
 }
 
 impl RunningTrainer {
     /// Reports `NOT_SERVING`, stops the service's work ([`Trainer::stop`]), lets running calls
     /// finish, and waits for the server to stop.
-    pub async fn shutdown(mut self) -> Result<()> {
-        if let Some(tx) = self.shutdown.take() {
-            let _ = tx.send(());
-        }
-        match self.task.take() {
-            Some(t) => t.await.map_err(|e| Error::Server(format!("server task: {e}")))?,
-            None => Ok(()),
-        }
-    }
-}
-
-impl Drop for RunningTrainer {
-    fn drop(&mut self) {
-        if let Some(tx) = self.shutdown.take() {
-            let _ = tx.send(());
-        }
+    pub async fn shutdown(self) -> Result<()> {
+        self.server.shutdown().await.map_err(|e| Error::Server(format!("server task: {e}")))?
     }
 }
 
@@ -176,20 +169,31 @@ pub async fn spawn(cfg: TrainerServerConfig) -> Result<RunningTrainer> {
     let svc = TrainerServiceServer::new(trainer.clone())
         .max_decoding_message_size(cfg.max_message_bytes)
         .max_encoding_message_size(cfg.max_message_bytes);
+    let mut builder = Server::builder();
+    if let Some(tls) = &cfg.tls {
+        let config = tls.server_config().map_err(|e| Error::Server(e.to_string()))?;
+        builder = builder.tls_config(config).map_err(|e| {
+            Error::Server(format!(
+                "TLS certificate {} and key {}: {}",
+                tls.cert.display(),
+                tls.key.display(),
+                error_chain(&e)
+            ))
+        })?;
+    }
     // Only the Distillery service needs the token: kubelet gRPC probes cannot send one.
-    let router = Server::builder()
+    let router = builder
         .add_service(InterceptedService::new(svc, BearerAuth::new(cfg.auth_token.as_deref())))
         .add_service(health)
         .add_service(reflection);
 
-    let (shutdown_tx, shutdown_rx) = oneshot::channel::<()>();
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
-    let task = {
+    let server = {
         let reporter = reporter.clone();
         let trainer = trainer.clone();
-        tokio::spawn(async move {
+        ServerTask::spawn(move |stop| async move {
             let signal = async move {
-                let _ = shutdown_rx.await;
+                stop.await;
                 reporter.set_service_status(SERVICE_NAME, tonic_health::ServingStatus::NotServing).await;
                 reporter.set_service_status("", tonic_health::ServingStatus::NotServing).await;
                 trainer.stop().await;
@@ -202,22 +206,23 @@ pub async fn spawn(cfg: TrainerServerConfig) -> Result<RunningTrainer> {
     };
     reporter.set_service_status(SERVICE_NAME, tonic_health::ServingStatus::Serving).await;
     reporter.set_service_status("", tonic_health::ServingStatus::Serving).await;
-    tracing::info!(%addr, state_dir = %cfg.state_dir.display(), concurrency = cfg.concurrency, auth = cfg.auth_token.is_some(), "trainer ready");
-    Ok(RunningTrainer { addr, trainer, shutdown: Some(shutdown_tx), task: Some(task) })
+    tracing::info!(%addr, state_dir = %cfg.state_dir.display(), concurrency = cfg.concurrency, tls = cfg.tls.is_some(), auth = cfg.auth_token.is_some(), "trainer ready");
+    Ok(RunningTrainer { addr, trainer, server })
 }
 
 /// A `TrainerService` client that sends the bearer token, when given, with every call.
 pub type TrainerClient = TrainerServiceClient<InterceptedService<Channel, AttachBearer>>;
 
-/// Connects to the trainer at `url` (`http://host:port`).
-pub async fn connect(url: &str, token: Option<&str>) -> Result<TrainerClient> {
+/// Connects to the trainer at `trainer` (`http://host:port`, or `https://` with its CA).
+pub async fn connect(trainer: &Target, token: Option<&str>) -> Result<TrainerClient> {
     let bearer = AttachBearer::new(token, "auth_token").map_err(|e| Error::config("auth_token", e))?;
-    let channel = Endpoint::from_shared(url.to_string())
-        .map_err(|e| Error::config("trainer", format!("`{url}` is not a URL: {e}")))?
-        .connect_timeout(std::time::Duration::from_secs(10))
-        .connect()
-        .await
-        .map_err(|e| Error::Server(format!("cannot reach the trainer at {url}: {e}")))?;
+    let channel = trainer.connect(std::time::Duration::from_secs(10)).await.map_err(|e| match e {
+        ConnectError::Url { .. } => Error::config("trainer", e.to_string()),
+        ConnectError::TlsCa(reason) => Error::config("tls_ca", reason),
+        ConnectError::Unreachable { url, reason } => {
+            Error::Server(format!("cannot reach the trainer at {url}: {reason}"))
+        }
+    })?;
     Ok(TrainerServiceClient::with_interceptor(channel, bearer)
         .max_decoding_message_size(default_max_message_bytes()))
 }
@@ -251,6 +256,15 @@ mod tests {
             ("concurrency", Box::new(|c| c.concurrency = 0)),
             ("auth_token", Box::new(|c| c.auth_token = Some("a b".into()))),
             ("max_message_bytes", Box::new(|c| c.max_message_bytes = 10)),
+            (
+                "tls.key",
+                Box::new(|c| {
+                    c.tls = Some(TlsPaths {
+                        cert: concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.toml").into(),
+                        key: "/nope".into(),
+                    })
+                }),
+            ),
         ];
         for (key, f) in bad {
             let mut c = TrainerServerConfig::new("/tmp/t");

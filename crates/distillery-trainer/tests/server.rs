@@ -4,6 +4,7 @@
 
 use std::time::Duration;
 
+use distillery_proto::transport::Target;
 use distillery_proto::v1;
 use distillery_proto::v1::trainer_service_client::TrainerServiceClient;
 use distillery_trainer::server::{SERVICE_NAME, TrainerServerConfig, connect, spawn};
@@ -50,12 +51,12 @@ async fn health_is_open_and_the_trainer_service_needs_the_token() {
     assert_eq!(e.code(), Code::Unauthenticated, "{e}");
     let e = anon.list_runs(v1::ListRunsRequest::default()).await.unwrap_err();
     assert_eq!(e.code(), Code::Unauthenticated, "{e}");
-    let mut wrong = connect(&format!("http://{}", running.addr), Some("nope")).await.unwrap();
+    let mut wrong = connect(&Target::new(format!("http://{}", running.addr)), Some("nope")).await.unwrap();
     let e = wrong.list_runs(v1::ListRunsRequest::default()).await.unwrap_err();
     assert_eq!(e.code(), Code::Unauthenticated, "{e}");
 
     // With the token the call reaches the service (which then judges the request).
-    let mut ok = connect(&format!("http://{}", running.addr), Some(TOKEN)).await.unwrap();
+    let mut ok = connect(&Target::new(format!("http://{}", running.addr)), Some(TOKEN)).await.unwrap();
     let e = ok
         .submit_run(v1::SubmitRunRequest { config_toml: "[optim]\nlr = -1.0\n".into(), overrides: vec![] })
         .await
@@ -95,7 +96,7 @@ async fn reflection_answers_without_the_token() {
 async fn a_stopping_trainer_refuses_new_runs_and_a_restart_serves_again() {
     let tmp = tempfile::tempdir().unwrap();
     let running = spawn(config(tmp.path())).await.unwrap();
-    let mut ok = connect(&format!("http://{}", running.addr), Some(TOKEN)).await.unwrap();
+    let mut ok = connect(&Target::new(format!("http://{}", running.addr)), Some(TOKEN)).await.unwrap();
     tokio::time::timeout(GUARD, running.trainer.stop()).await.expect("stop hung");
     assert!(running.trainer.is_stopping());
     let e = ok.submit_run(v1::SubmitRunRequest::default()).await.unwrap_err();
@@ -105,4 +106,37 @@ async fn a_stopping_trainer_refuses_new_runs_and_a_restart_serves_again() {
     let again = spawn(config(tmp.path())).await.unwrap();
     assert_eq!(health(&channel(again.addr).await, "").await, ServingStatus::Serving);
     again.shutdown().await.unwrap();
+}
+
+fn tls_fixture(name: &str) -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/tls").join(name)
+}
+
+/// A trainer serving TLS (`[tls]`): the client helper with the CA that signed the certificate
+/// reaches `TrainerService` (by DNS name and by IP); one trusting another CA, or given no CA for an
+/// `https://` URL, is refused with an error that says why.
+#[tokio::test]
+async fn a_tls_trainer_answers_clients_with_the_ca_only() {
+    use distillery_proto::transport::TlsPaths;
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cfg = config(tmp.path());
+    cfg.tls = Some(TlsPaths { cert: tls_fixture("server.pem"), key: tls_fixture("server.key") });
+    let running = spawn(cfg).await.unwrap();
+    let port = running.addr.port();
+    for host in ["localhost", "127.0.0.1"] {
+        let trainer = Target::new(format!("https://{host}:{port}")).with_tls_ca(Some(tls_fixture("ca.pem")));
+        let mut ok = connect(&trainer, Some(TOKEN)).await.unwrap();
+        let runs = ok.list_runs(v1::ListRunsRequest::default()).await.unwrap().into_inner().runs;
+        assert!(runs.is_empty(), "{runs:?}");
+    }
+
+    let wrong =
+        Target::new(format!("https://localhost:{port}")).with_tls_ca(Some(tls_fixture("other-ca.pem")));
+    let e =
+        connect(&wrong, Some(TOKEN)).await.expect_err("a client trusting another CA got through").to_string();
+    assert!(e.contains("invalid peer certificate") && e.contains(&format!("localhost:{port}")), "{e}");
+    let no_ca = Target::new(format!("https://localhost:{port}"));
+    let e = connect(&no_ca, Some(TOKEN)).await.expect_err("an https:// client without a CA").to_string();
+    assert!(e.contains("`tls_ca`") && e.contains("no CA certificate"), "{e}");
+    tokio::time::timeout(GUARD, running.shutdown()).await.expect("shutdown hung").unwrap();
 }

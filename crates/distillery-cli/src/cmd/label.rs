@@ -6,6 +6,7 @@ use std::process::ExitCode;
 
 use anyhow::{Context, bail};
 use distillery_local::{JobProgress, LabelRequest, LocalCluster, LocalClusterConfig, submit_and_wait};
+use distillery_proto::transport::Target;
 use distillery_teacher::TeacherSpec;
 
 use crate::output::{Format, print_json, print_line};
@@ -16,7 +17,8 @@ use crate::progress::Progress;
   distillery label --faces data/faces.lance --cache data/cache.lance \\
       --teacher configs/teachers/faceapi.toml --local --workers 2
   distillery label --faces s3://bucket/faces.lance --cache s3://bucket/cache.lance \\
-      --teacher emonet-8 --weights /models/emonet_8.pth --views 4 --coordinator http://coordinator:50051")]
+      --teacher emonet-8 --weights /models/emonet_8.pth --views 4 --coordinator http://coordinator:50051
+  distillery label ... --coordinator https://coordinator:50051 --tls-ca /etc/distillery/tls/ca.pem")]
 pub struct LabelArgs {
     /// Faces dataset URI (local path or s3://).
     #[arg(long)]
@@ -39,9 +41,13 @@ pub struct LabelArgs {
     /// Faces per shard (the unit leased to a worker).
     #[arg(long, default_value_t = 256)]
     shard_size: u64,
-    /// Coordinator URL to submit to.
+    /// Coordinator URL to submit to: http://HOST:PORT, or https://HOST:PORT with --tls-ca.
     #[arg(long, env = "DISTILLERY_COORDINATOR", conflicts_with = "local", required_unless_present = "local")]
     coordinator: Option<String>,
+    /// PEM certificate of the CA that signed the coordinator's certificate (for an https://
+    /// --coordinator; not used with --local).
+    #[arg(long, env = "DISTILLERY_TLS_CA", value_name = "PATH")]
+    tls_ca: Option<PathBuf>,
     /// Run a coordinator and --workers teacher workers in this process (real gRPC on loopback).
     #[arg(long)]
     local: bool,
@@ -106,8 +112,9 @@ pub async fn run(args: LabelArgs) -> anyhow::Result<ExitCode> {
         cluster.shutdown().await?;
         result?
     } else {
-        let endpoint = args.coordinator.clone().context("--coordinator URL or --local is required")?;
-        submit_and_wait(&endpoint, args.auth_token.as_deref(), &req, on_event).await?
+        let url = args.coordinator.clone().context("--coordinator URL or --local is required")?;
+        let coordinator = Target::new(url).with_tls_ca(args.tls_ca.clone());
+        submit_and_wait(&coordinator, args.auth_token.as_deref(), &req, on_event).await?
     };
     progress.finish();
     match args.format {

@@ -5,17 +5,29 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use anyhow::Context;
+use distillery_proto::transport::TlsPaths;
 use distillery_teacher::{WorkerConfig, run_worker};
 
 /// Options of `distillery serve teacher`. Flags override the values of `--config`.
 #[derive(clap::Args, Debug, Clone, Default)]
 pub struct ServeTeacherArgs {
-    /// Worker configuration file (TOML, keys as in the flags with `_` for `-`).
+    /// Worker configuration file (TOML, keys as in the flags with `_` for `-`, except --tls-cert and
+    /// --tls-key: a `[tls]` table with `cert` and `key`).
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
-    /// Coordinator URL.
+    /// Coordinator URL: http://HOST:PORT, or https://HOST:PORT with --tls-ca.
     #[arg(long, env = "DISTILLERY_COORDINATOR", value_name = "URL")]
     pub coordinator: Option<String>,
+    /// PEM certificate of the CA that signed the coordinator's certificate (for an https://
+    /// coordinator).
+    #[arg(long, env = "DISTILLERY_TLS_CA", value_name = "PATH")]
+    pub tls_ca: Option<PathBuf>,
+    /// PEM certificate to serve this worker's TeacherService over TLS (with --tls-key).
+    #[arg(long, requires = "tls_key", value_name = "PATH")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key for --tls-cert.
+    #[arg(long, requires = "tls_cert", value_name = "PATH")]
+    pub tls_key: Option<PathBuf>,
     /// Address of this worker's TeacherService (port 0 picks a free port).
     #[arg(long, value_name = "ADDR")]
     pub listen: Option<SocketAddr>,
@@ -78,7 +90,10 @@ impl ServeTeacherArgs {
             queue_capacity,
             drain_timeout_ms
         );
-        set!(advertise, metrics_listen, teacher, auth_token, worker_id);
+        set!(advertise, metrics_listen, teacher, auth_token, worker_id, tls_ca);
+        if let (Some(cert), Some(key)) = (&self.tls_cert, &self.tls_key) {
+            cfg.tls = Some(TlsPaths { cert: cert.clone(), key: key.clone() });
+        }
         cfg.validate()?;
         Ok(cfg)
     }
@@ -87,7 +102,7 @@ impl ServeTeacherArgs {
 /// Runs the worker until SIGTERM or Ctrl-C.
 pub async fn run(args: ServeTeacherArgs) -> anyhow::Result<()> {
     let cfg = args.to_config()?;
-    tracing::info!(coordinator = %cfg.coordinator, listen = %cfg.listen, teacher = ?cfg.teacher, "starting teacher worker");
+    tracing::info!(coordinator = %cfg.coordinator, listen = %cfg.listen, teacher = ?cfg.teacher, tls = cfg.tls.is_some(), "starting teacher worker");
     run_worker(cfg, distillery_teacher::default_storage(), shutdown_signal()).await?;
     Ok(())
 }
@@ -135,6 +150,33 @@ mod tests {
         assert_eq!((cfg.coordinator.as_str(), cfg.max_batch), ("http://c:1", 16));
         let args = ServeTeacherArgs { config: Some(p), device: Some("tpu".into()), ..Default::default() };
         assert!(args.to_config().unwrap_err().to_string().contains("`device`"));
+    }
+
+    #[test]
+    fn tls_flags_set_the_ca_and_the_server_identity() {
+        let tls = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/tls");
+        let args = ServeTeacherArgs {
+            coordinator: Some("https://localhost:50051".into()),
+            tls_ca: Some(tls.join("ca.pem")),
+            tls_cert: Some(tls.join("server.pem")),
+            tls_key: Some(tls.join("server.key")),
+            ..Default::default()
+        };
+        let cfg = args.to_config().unwrap();
+        assert_eq!(cfg.tls_ca, Some(tls.join("ca.pem")));
+        assert_eq!(cfg.tls.map(|t| t.cert), Some(tls.join("server.pem")));
+        // An https:// coordinator without a CA is refused, naming the key.
+        let args =
+            ServeTeacherArgs { coordinator: Some("https://localhost:50051".into()), ..Default::default() };
+        assert!(args.to_config().unwrap_err().to_string().contains("`tls_ca`"));
+        use clap::Args;
+        let cmd = ServeTeacherArgs::augment_args(clap::Command::new("teacher"));
+        let arg = cmd.get_arguments().find(|a| a.get_id() == "tls_ca").expect("--tls-ca");
+        assert_eq!(arg.get_env().and_then(|e| e.to_str()), Some("DISTILLERY_TLS_CA"));
+        assert!(
+            cmd.try_get_matches_from(["teacher", "--tls-cert", "c.pem"]).is_err(),
+            "--tls-cert needs --tls-key"
+        );
     }
 
     /// The manifests set `DISTILLERY_WORKER_ID` from the pod name; the flag must read it.

@@ -6,13 +6,14 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use anyhow::Context;
+use distillery_proto::transport::TlsPaths;
 use distillery_trainer::server::TrainerServerConfig;
 
 /// Options of `distillery serve trainer`. Flags override the values of `--config`.
 #[derive(Debug, Clone, Default, clap::Args)]
 pub struct ServeTrainerArgs {
-    /// TOML file with the keys listen, state_dir, concurrency, plots, auth_token and
-    /// max_message_bytes (the flags below with `_` for `-`).
+    /// TOML file with the keys listen, state_dir, concurrency, plots, auth_token,
+    /// max_message_bytes (the flags below with `_` for `-`) and a `[tls]` table (cert, key).
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
     /// gRPC listen address (port 0 picks a free port; the bound address is logged).
@@ -34,6 +35,12 @@ pub struct ServeTrainerArgs {
     /// Largest gRPC message in bytes.
     #[arg(long)]
     pub max_message_bytes: Option<usize>,
+    /// PEM certificate to serve gRPC over TLS (with --tls-key).
+    #[arg(long, requires = "tls_key", value_name = "PATH")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key for --tls-cert.
+    #[arg(long, requires = "tls_cert", value_name = "PATH")]
+    pub tls_key: Option<PathBuf>,
 }
 
 impl ServeTrainerArgs {
@@ -66,6 +73,9 @@ impl ServeTrainerArgs {
         }
         if let Some(v) = self.max_message_bytes {
             cfg.max_message_bytes = v;
+        }
+        if let (Some(cert), Some(key)) = (&self.tls_cert, &self.tls_key) {
+            cfg.tls = Some(TlsPaths { cert: cert.clone(), key: key.clone() });
         }
         cfg.validate()?;
         Ok(cfg)
@@ -105,6 +115,29 @@ mod tests {
         assert!(e.contains("runs_dir"), "{e}");
         let e = ServeTrainerArgs::default().to_config().unwrap_err().to_string();
         assert!(e.contains("--state-dir"), "{e}");
+    }
+
+    #[test]
+    fn tls_flags_and_table() {
+        let tls = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/tls");
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("t.toml");
+        let toml = format!(
+            "state_dir = \"/var/lib/t\"\n[tls]\ncert = \"{}\"\nkey = \"{}\"\n",
+            tls.join("server.pem").display(),
+            tls.join("server.key").display()
+        );
+        std::fs::write(&p, toml).unwrap();
+        let cfg = ServeTrainerArgs { config: Some(p), ..Default::default() }.to_config().unwrap();
+        assert_eq!(cfg.tls.map(|t| t.key), Some(tls.join("server.key")));
+        let args = ServeTrainerArgs {
+            state_dir: Some("/var/lib/t".into()),
+            tls_cert: Some(tls.join("server.pem")),
+            tls_key: Some(tls.join("missing.key")),
+            ..Default::default()
+        };
+        let e = args.to_config().unwrap_err().to_string();
+        assert!(e.contains("`tls.key`") && e.contains("missing.key"), "{e}");
     }
 
     /// The configs the Kubernetes manifests mount are valid for the commands that read them.

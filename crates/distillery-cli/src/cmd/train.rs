@@ -9,6 +9,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context;
+use distillery_proto::transport::Target;
 use distillery_proto::v1::{RunEventKind, RunState, SubmitRunRequest, WatchRunRequest};
 use distillery_trainer::TrainConfig;
 use distillery_trainer::run::{RunOptions, run as run_training};
@@ -39,9 +40,13 @@ pub struct TrainArgs {
     /// Continue from the last checkpoint in the run directory.
     #[arg(long)]
     pub resume: bool,
-    /// Submit the run to this trainer service (e.g. http://host:50053) instead of training here.
+    /// Submit the run to this trainer service (e.g. http://host:50053, or https:// with --tls-ca)
+    /// instead of training here.
     #[arg(long, value_name = "URL")]
     pub trainer: Option<String>,
+    /// PEM certificate of the CA that signed the trainer's certificate (for an https:// --trainer).
+    #[arg(long, env = "DISTILLERY_TLS_CA", value_name = "PATH")]
+    pub tls_ca: Option<PathBuf>,
     /// Bearer token sent to the trainer service (with --trainer).
     #[arg(long, env = "DISTILLERY_AUTH_TOKEN", hide_env_values = true)]
     pub auth_token: Option<String>,
@@ -73,7 +78,8 @@ pub async fn run(args: TrainArgs) -> anyhow::Result<()> {
     let overrides = args.overrides();
     let cfg = TrainConfig::load(args.config.as_deref(), &overrides)?;
     if let Some(url) = &args.trainer {
-        return submit(url, args.auth_token.as_deref(), &cfg).await;
+        let trainer = Target::new(url.as_str()).with_tls_ca(args.tls_ca.clone());
+        return submit(&trainer, args.auth_token.as_deref(), &cfg).await;
     }
     let out = args.out.clone().context("--out RUN_DIR is required when training locally")?;
     let mut opts = RunOptions::new(&out);
@@ -107,8 +113,9 @@ pub async fn run(args: TrainArgs) -> anyhow::Result<()> {
 }
 
 /// Submits the run to a trainer service and follows it until it ends.
-async fn submit(url: &str, token: Option<&str>, cfg: &TrainConfig) -> anyhow::Result<()> {
-    let mut client = distillery_trainer::server::connect(url, token)
+async fn submit(trainer: &Target, token: Option<&str>, cfg: &TrainConfig) -> anyhow::Result<()> {
+    let url = &trainer.url;
+    let mut client = distillery_trainer::server::connect(trainer, token)
         .await
         .with_context(|| format!("connecting to trainer {url}"))?;
     let run = client
