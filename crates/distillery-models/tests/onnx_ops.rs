@@ -730,3 +730,66 @@ fn conv_counts_macs() -> R {
     assert_eq!(macs, 4 * 25 * 2 * 9);
     Ok(())
 }
+
+/// A separable block as mobile networks write it: dense conv → Relu → depthwise conv → Relu →
+/// Add with the first activation → Relu, plus a conv output read twice (not fusable). Every Relu
+/// with a single reader is folded into its Conv or Add; values are those of the naive loops, and
+/// the pre-activation values fusion removed can still be asked for by name.
+#[test]
+fn relus_fold_into_their_conv_or_add_without_changing_values() -> R {
+    let (n, c, h, w) = (2, 4, 6, 5);
+    let xv = values(n * c * h * w, 31);
+    let (k1, b1) = (values(c * c * 9, 32), values(c, 33));
+    let (k2, b2) = (values(c * 9, 34), values(c, 35));
+    let (k3, b3) = (values(c * c, 36), values(c, 37));
+    let pads = attr_ints("pads", &[1, 1, 1, 1]);
+    let m = model(
+        vec![
+            node("Conv", "dense", &["x", "w1", "b1"], &["c1"], vec![pads.clone()]),
+            node("Relu", "r1", &["c1"], &["a1"], vec![]),
+            node("Conv", "dw", &["a1", "w2", "b2"], &["c2"], vec![pads, attr_i("group", c as i64)]),
+            node("Relu", "r2", &["c2"], &["a2"], vec![]),
+            node("Add", "add", &["a2", "a1"], &["s"], vec![]),
+            node("Relu", "r3", &["s"], &["a3"], vec![]),
+            // Read by both the Relu and the Add: stays unfused.
+            node("Conv", "pw", &["a3", "w3", "b3"], &["c3"], vec![]),
+            node("Relu", "r4", &["c3"], &["a4"], vec![]),
+            node("Add", "out", &["a4", "c3"], &["y"], vec![]),
+        ],
+        vec![
+            init_f32_raw("w1", &[c as i64, c as i64, 3, 3], &k1),
+            init_f32("b1", &[c as i64], b1.clone()),
+            init_f32_raw("w2", &[c as i64, 1, 3, 3], &k2),
+            init_f32("b2", &[c as i64], b2.clone()),
+            init_f32_raw("w3", &[c as i64, c as i64, 1, 1], &k3),
+            init_f32("b3", &[c as i64], b3.clone()),
+        ],
+        &["x"],
+        &["y"],
+        13,
+    );
+    let g = OnnxGraph::from_model(&m, &Device::Cpu)?;
+    assert_eq!(g.num_steps(), 6, "r1, r2 and r3 fold away; r4 must stay");
+
+    let dims = [n, c, h, w];
+    let relu = |v: Vec<f32>| v.into_iter().map(|v| v.max(0.0)).collect::<Vec<f32>>();
+    let (c1, _) = naive_conv(&xv, dims, &k1, [c, c, 3, 3], Some(&b1), 1, [1, 1], [1, 1], [1, 1, 1, 1]);
+    let a1 = relu(c1.clone());
+    let (c2, _) = naive_conv(&a1, dims, &k2, [c, 1, 3, 3], Some(&b2), c, [1, 1], [1, 1], [1, 1, 1, 1]);
+    let a3 = relu(relu(c2).iter().zip(&a1).map(|(a, b)| a + b).collect());
+    let (c3, _) = naive_conv(&a3, dims, &k3, [c, c, 1, 1], Some(&b3), 1, [1, 1], [1, 1], [0, 0, 0, 0]);
+    let y: Vec<f32> = relu(c3.clone()).iter().zip(&c3).map(|(a, b)| a + b).collect();
+
+    let x = Tensor::from_vec(xv, dims.to_vec(), &Device::Cpu)?;
+    let got = g.run(&[("x", &x)], &["y"])?.remove(0).flatten_all()?.to_vec1::<f32>()?;
+    let d = max_diff(&got, &y);
+    assert!(d < 1e-4, "fused graph max diff {d}");
+    // `c1` (before the folded Relu) is still a value of the graph.
+    assert!(c1.iter().any(|&v| v < 0.0), "the test needs negative pre-activations");
+    let out = g.run(&[("x", &x)], &["c1", "y"])?;
+    let d = max_diff(&out[0].flatten_all()?.to_vec1::<f32>()?, &c1);
+    assert!(d < 1e-4, "pre-activation max diff {d}");
+    let d = max_diff(&out[1].flatten_all()?.to_vec1::<f32>()?, &y);
+    assert!(d < 1e-4, "unfused plan max diff {d}");
+    Ok(())
+}

@@ -8,11 +8,12 @@ use candle_onnx::onnx::{ModelProto, NodeProto};
 use prost::Message;
 
 use super::OnnxError;
-use super::ops::{Op, ParseError};
+use super::kernels::HostConv;
+use super::ops::{BinOp, Op, ParseError, UnaryOp};
 use super::proto::tensor_from_proto;
 
 /// One node of the plan. Inputs and outputs are value slots; `None` marks an omitted optional.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 struct Step {
     name: String,
     op_type: String,
@@ -38,6 +39,9 @@ pub struct OnnxGraph {
     /// Names of the graph's declared outputs.
     outputs: Vec<String>,
     steps: Vec<Step>,
+    /// The plan before [`OnnxGraph::fuse`] (steps and producers), kept when fusion removed values
+    /// a caller may still ask for by name.
+    exact: Option<(Vec<Step>, Vec<Option<usize>>)>,
 }
 
 impl OnnxGraph {
@@ -75,6 +79,7 @@ impl OnnxGraph {
             inputs: Vec::new(),
             outputs: graph.output.iter().map(|o| o.name.clone()).collect(),
             steps: Vec::new(),
+            exact: None,
         };
         for init in &graph.initializer {
             let t = tensor_from_proto(init, device).map_err(OnnxError::Graph)?;
@@ -95,7 +100,73 @@ impl OnnxGraph {
                 return Err(OnnxError::Graph(format!("graph output `{o}` is produced by no node")));
             }
         }
+        g.fuse()?;
         Ok(g)
+    }
+
+    /// Plans for speed: the constant weights of every convolution are flattened on the host once,
+    /// and a `Relu` whose input nothing else reads is folded into the `Conv` or `Add` producing it
+    /// (one pass over the data instead of two, one tensor fewer). The unfused plan is kept for
+    /// runs that ask for a value fusion removed.
+    fn fuse(&mut self) -> Result<(), OnnxError> {
+        for st in &mut self.steps {
+            let Op::Conv(_, extras) = &mut st.op else { continue };
+            let constant = |i: usize| st.inputs.get(i).copied().flatten().map(|s| self.constants[s].as_ref());
+            let (w, b) = match (constant(1), constant(2)) {
+                (Some(Some(w)), None) => (w, None),
+                (Some(Some(w)), Some(Some(b))) => (w, Some(b)),
+                _ => continue,
+            };
+            extras.host = HostConv::new(w, b).map_err(|source| OnnxError::Node {
+                op_type: st.op_type.clone(),
+                node: st.name.clone(),
+                source: Box::new(source),
+            })?;
+        }
+        let before = (self.steps.clone(), self.producer.clone());
+        let graph_outputs: Vec<usize> =
+            self.outputs.iter().filter_map(|o| self.slots.get(o).copied()).collect();
+        let mut uses = vec![0usize; self.constants.len()];
+        for st in &self.steps {
+            st.inputs.iter().flatten().for_each(|&s| uses[s] += 1);
+        }
+        let mut removed = vec![false; self.steps.len()];
+        for i in 0..self.steps.len() {
+            if !matches!(self.steps[i].op, Op::Unary(UnaryOp::Relu)) {
+                continue;
+            }
+            let Some(Some(s)) = self.steps[i].inputs.first().copied() else { continue };
+            let Some(p) = self.producer[s] else { continue };
+            if uses[s] != 1 || graph_outputs.contains(&s) || self.steps[p].outputs.len() != 1 {
+                continue;
+            }
+            let outputs = self.steps[i].outputs.clone();
+            let producer = &mut self.steps[p];
+            match &mut producer.op {
+                Op::Conv(_, extras) if !extras.relu => extras.relu = true,
+                Op::Binary(BinOp::Add) => producer.op = Op::AddRelu,
+                _ => continue,
+            }
+            producer.op_type.push_str("+Relu");
+            producer.outputs = outputs;
+            removed[i] = true;
+        }
+        if !removed.contains(&true) {
+            return Ok(());
+        }
+        let mut i = 0;
+        self.steps.retain(|_| {
+            i += 1;
+            !removed[i - 1]
+        });
+        self.producer.iter_mut().for_each(|p| *p = None);
+        for (idx, st) in self.steps.iter().enumerate() {
+            for o in st.outputs.iter().flatten() {
+                self.producer[*o] = Some(idx);
+            }
+        }
+        self.exact = Some(before);
+        Ok(())
     }
 
     fn slot(&mut self, name: &str) -> usize {
@@ -221,24 +292,33 @@ impl OnnxGraph {
                 .ok_or_else(|| OnnxError::Graph(format!("`{o}` is not a value of the graph")))?;
             wanted.push(s);
         }
+        // The fused plan, unless a wanted value exists only in the exact one.
+        let (steps, producer) = match &self.exact {
+            Some((steps, producer))
+                if wanted.iter().any(|&s| self.producer[s].is_none() && producer[s].is_some()) =>
+            {
+                (steps, producer)
+            }
+            _ => (&self.steps, &self.producer),
+        };
         // Steps needed for the wanted values, found walking producers backwards.
-        let mut needed = vec![false; self.steps.len()];
-        let mut stack: Vec<usize> = wanted.iter().filter_map(|&s| self.producer[s]).collect();
+        let mut needed = vec![false; steps.len()];
+        let mut stack: Vec<usize> = wanted.iter().filter_map(|&s| producer[s]).collect();
         while let Some(i) = stack.pop() {
             if std::mem::replace(&mut needed[i], true) {
                 continue;
             }
-            stack.extend(self.steps[i].inputs.iter().flatten().filter_map(|&s| self.producer[s]));
+            stack.extend(steps[i].inputs.iter().flatten().filter_map(|&s| producer[s]));
         }
         // Remaining uses per slot, so intermediates are dropped as soon as possible.
         let mut uses = vec![0usize; values.len()];
-        for (i, st) in self.steps.iter().enumerate() {
+        for (i, st) in steps.iter().enumerate() {
             if needed[i] {
                 st.inputs.iter().flatten().for_each(|&s| uses[s] += 1);
             }
         }
         wanted.iter().for_each(|&s| uses[s] += 1);
-        for (i, st) in self.steps.iter().enumerate() {
+        for (i, st) in steps.iter().enumerate() {
             if !needed[i] {
                 continue;
             }

@@ -10,7 +10,7 @@
 //! kernel: candle implements grouped convolution as one convolution per group, which for
 //! depthwise layers means C tiny convolutions and dominates the run time of mobile networks.
 
-use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor, bail};
+use candle_core::{DType, Result, Tensor, bail};
 use rayon::prelude::*;
 
 use super::proto::Attrs;
@@ -75,6 +75,33 @@ impl ConvAttrs {
             group: group as usize,
             auto_pad: AutoPad::parse(a)?,
         })
+    }
+}
+
+/// What a `Conv` node carries beyond its attributes once the graph is planned: its constant
+/// weights and bias flattened on the host (read per batch by the CPU kernels instead of being
+/// copied out of their tensors every time), and a ReLU fused from the node that followed it.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct ConvExtras {
+    pub(crate) host: Option<HostConv>,
+    pub(crate) relu: bool,
+}
+
+/// A convolution's weights `[c_out, c_in/group, kh, kw]` and bias, flattened f32 on the host.
+#[derive(Clone, Debug)]
+pub(crate) struct HostConv {
+    weight: Vec<f32>,
+    bias: Option<Vec<f32>>,
+}
+
+impl HostConv {
+    /// `None` for tensors that do not live on the CPU.
+    pub(crate) fn new(w: &Tensor, b: Option<&Tensor>) -> Result<Option<Self>> {
+        if !w.device().is_cpu() || b.is_some_and(|b| !b.device().is_cpu()) {
+            return Ok(None);
+        }
+        let flat = |t: &Tensor| t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>();
+        Ok(Some(Self { weight: flat(w)?, bias: b.map(flat).transpose()? }))
     }
 }
 
@@ -208,8 +235,15 @@ pub(crate) fn pad_axis(
     Tensor::cat(&parts, axis)
 }
 
-/// ONNX `Conv` for 1-D and 2-D inputs (`[N, C, L]` or `[N, C, H, W]`).
-pub(crate) fn conv(x: &Tensor, w: &Tensor, b: Option<&Tensor>, c: &ConvAttrs) -> Result<Tensor> {
+/// ONNX `Conv` for 1-D and 2-D inputs (`[N, C, L]` or `[N, C, H, W]`), followed by a ReLU when
+/// `extras.relu`.
+pub(crate) fn conv(
+    x: &Tensor,
+    w: &Tensor,
+    b: Option<&Tensor>,
+    c: &ConvAttrs,
+    extras: &ConvExtras,
+) -> Result<Tensor> {
     match x.rank() {
         3 => {
             // A 1-D convolution is a 2-D one over a height-1 image.
@@ -222,15 +256,16 @@ pub(crate) fn conv(x: &Tensor, w: &Tensor, b: Option<&Tensor>, c: &ConvAttrs) ->
                 pads: c.pads.as_ref().map(|p| vec![0, p[0], 0, *p.get(1).unwrap_or(&0)]),
                 ..c.clone()
             };
-            conv(&x.unsqueeze(2)?, &w.unsqueeze(2)?, b, &c2)?.squeeze(2)
+            // The flattened host weights keep their order with the added axis.
+            conv(&x.unsqueeze(2)?, &w.unsqueeze(2)?, b, &c2, extras)?.squeeze(2)
         }
-        4 => conv2d(x, w, b, c),
+        4 => conv2d(x, w, b, c, extras),
         r => bail!("only 1-D and 2-D convolutions are supported, input has rank {r}"),
     }
 }
 
-fn conv2d(x: &Tensor, w: &Tensor, b: Option<&Tensor>, c: &ConvAttrs) -> Result<Tensor> {
-    let (_n, c_in, h, wd) = x.dims4()?;
+fn conv2d(x: &Tensor, w: &Tensor, b: Option<&Tensor>, c: &ConvAttrs, extras: &ConvExtras) -> Result<Tensor> {
+    let (n, c_in, h, wd) = x.dims4()?;
     let (c_out, c_in_g, kh, kw) = w.dims4()?;
     if let Some(k) = &c.kernel_shape
         && k.as_slice() != [kh, kw]
@@ -244,29 +279,51 @@ fn conv2d(x: &Tensor, w: &Tensor, b: Option<&Tensor>, c: &ConvAttrs) -> Result<T
         .try_into()
         .expect("two axes");
     let (oh, ow) = (ay.out_floor()?, ax.out_floor()?);
-    let y = if c.group == c_in && c_in_g == 1 && x.device().is_cpu() && x.dtype() == DType::F32 {
-        let wv = w.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-        let bv = b.map(|b| b.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()).transpose()?;
-        let op = Depthwise { weight: wv, bias: bv, c_out, y: ay, x: ax, out: (oh, ow) };
-        x.contiguous()?.apply_op1_no_bwd(&op)?
-    } else if let Some(y) = fast_conv2d(x, w, b, c.group, ay, ax)? {
-        y
-    } else {
-        if ay.stride != ax.stride || ay.dilation != ax.dilation {
-            bail!("strides/dilations that differ between H and W are not supported");
+    let depthwise = c.group == c_in && c_in_g == 1;
+    let dense_fast = c.group == 1 && ay.dilation == 1 && ax.dilation == 1;
+    let cpu_f32 = x.device().is_cpu() && x.dtype() == DType::F32;
+    let relu = extras.relu;
+    // The host weights: prepared with the graph, or flattened now.
+    let made;
+    let host = match (&extras.host, cpu_f32 && (depthwise || dense_fast)) {
+        (_, false) => None,
+        (Some(h), true) => Some(h),
+        (None, true) => {
+            made = HostConv::new(w, b)?;
+            made.as_ref()
         }
-        let symmetric =
-            ay.pad_begin == ay.pad_end && ax.pad_begin == ax.pad_end && ay.pad_begin == ax.pad_begin;
-        let (xp, pad) = if symmetric {
-            (x.clone(), ay.pad_begin)
-        } else {
-            let xp = pad_axis(x, 2, ay.pad_begin as i64, ay.pad_end as i64, 0.0, false)?;
-            (pad_axis(&xp, 3, ax.pad_begin as i64, ax.pad_end as i64, 0.0, false)?, 0)
-        };
-        let y = xp.conv2d(w, pad, ay.stride, ay.dilation, c.group)?;
-        match b {
-            Some(b) => y.broadcast_add(&b.reshape((1, c_out, 1, 1))?)?,
-            None => y,
+    };
+    let fast = match host {
+        Some(hc) if depthwise => {
+            let x = x.contiguous()?;
+            let dw = Depthwise { host: hc, c_out, y: ay, x: ax, out: (oh, ow), relu };
+            fastconv::cpu_f32(&x, |src| dw.run(src, n, c_in, h, wd))
+                .map(|v| Tensor::from_vec(v, (n, c_out, oh, ow), x.device()))
+                .transpose()?
+        }
+        Some(hc) => fast_conv2d(x, hc, (c_out, c_in, kh, kw), ay, ax, relu)?,
+        None => None,
+    };
+    let y = match fast {
+        Some(y) => y,
+        None => {
+            if ay.stride != ax.stride || ay.dilation != ax.dilation {
+                bail!("strides/dilations that differ between H and W are not supported");
+            }
+            let symmetric =
+                ay.pad_begin == ay.pad_end && ax.pad_begin == ax.pad_end && ay.pad_begin == ax.pad_begin;
+            let (xp, pad) = if symmetric {
+                (x.clone(), ay.pad_begin)
+            } else {
+                let xp = pad_axis(x, 2, ay.pad_begin as i64, ay.pad_end as i64, 0.0, false)?;
+                (pad_axis(&xp, 3, ax.pad_begin as i64, ax.pad_end as i64, 0.0, false)?, 0)
+            };
+            let y = xp.conv2d(w, pad, ay.stride, ay.dilation, c.group)?;
+            let y = match b {
+                Some(b) => y.broadcast_add(&b.reshape((1, c_out, 1, 1))?)?,
+                None => y,
+            };
+            if relu { y.relu()? } else { y }
         }
     };
     cost::record(cost::conv2d_macs(y.dims(), c_in_g, kh, kw));
@@ -274,21 +331,15 @@ fn conv2d(x: &Tensor, w: &Tensor, b: Option<&Tensor>, c: &ConvAttrs) -> Result<T
 }
 
 /// A dense (one group, no dilation) convolution of a CPU f32 input through [`fastconv`], with
-/// the bias fused; `None` where it does not apply.
+/// the bias and ReLU fused; `None` where the input is not a CPU f32 tensor.
 fn fast_conv2d(
     x: &Tensor,
-    w: &Tensor,
-    b: Option<&Tensor>,
-    group: usize,
+    host: &HostConv,
+    (c_out, c_in, kh, kw): (usize, usize, usize, usize),
     ay: Axis,
     ax: Axis,
+    relu: bool,
 ) -> Result<Option<Tensor>> {
-    if group != 1 || ay.dilation != 1 || ax.dilation != 1 || !x.device().is_cpu() || x.dtype() != DType::F32 {
-        return Ok(None);
-    }
-    let (c_out, c_in, kh, kw) = w.dims4()?;
-    let Some(weight) = fastconv::host_weights(w) else { return Ok(None) };
-    let bias = b.map(|b| b.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()).transpose()?;
     // Symmetric padding per axis is part of the geometry; otherwise pad explicitly first.
     let (xp, pad_h, pad_w) = if ay.pad_begin == ay.pad_end && ax.pad_begin == ax.pad_end {
         (x.clone(), ay.pad_begin, ax.pad_begin)
@@ -296,9 +347,9 @@ fn fast_conv2d(
         let xp = pad_axis(x, 2, ay.pad_begin as i64, ay.pad_end as i64, 0.0, false)?;
         (pad_axis(&xp, 3, ax.pad_begin as i64, ax.pad_end as i64, 0.0, false)?, 0, 0)
     };
-    let g = ConvGeom { c_in, c_out, kh, kw, stride_h: ay.stride, stride_w: ax.stride, pad_h, pad_w };
-    let epi = Epilogue { bias: bias.as_deref(), ..Epilogue::default() };
-    fastconv::conv2d_tensor(&FusedConv { geom: g, weight: &weight, pre: None, epi }, &xp)
+    let geom = ConvGeom { c_in, c_out, kh, kw, stride_h: ay.stride, stride_w: ax.stride, pad_h, pad_w };
+    let epi = Epilogue { bias: host.bias.as_deref(), relu, accumulate: false };
+    fastconv::conv2d_tensor(&FusedConv { geom, weight: &host.weight, pre: None, epi }, &xp)
 }
 
 /// Elements below which an elementwise op runs on one thread: splitting smaller maps costs more
@@ -337,49 +388,40 @@ pub(crate) fn cpu_zip(x: &Tensor, y: &Tensor, f: impl Fn(f32, f32) -> f32 + Sync
     Some(Tensor::from_vec(v, x.shape(), x.device()))
 }
 
-/// Direct depthwise convolution (one input channel per group, `c_out = m·c_in`) with bias.
-struct Depthwise {
-    weight: Vec<f32>,
-    bias: Option<Vec<f32>>,
+/// Direct depthwise convolution (one input channel per group, `c_out = m·c_in`) with bias and an
+/// optional ReLU.
+struct Depthwise<'a> {
+    host: &'a HostConv,
     c_out: usize,
     y: Axis,
     x: Axis,
     out: (usize, usize),
+    relu: bool,
 }
 
-impl CustomOp1 for Depthwise {
-    fn name(&self) -> &'static str {
-        "onnx-depthwise-conv2d"
-    }
-
-    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let CpuStorage::F32(data) = storage else { bail!("depthwise conv expects f32") };
-        if !layout.is_contiguous() {
-            bail!("depthwise conv expects a contiguous input");
-        }
-        let (n, c_in, h, w) = layout.shape().dims4()?;
-        let src = &data[layout.start_offset()..layout.start_offset() + n * c_in * h * w];
+impl Depthwise<'_> {
+    fn run(&self, src: &[f32], n: usize, c_in: usize, h: usize, w: usize) -> Vec<f32> {
         let (oh, ow) = self.out;
         let mult = self.c_out / c_in;
         let (kh, kw) = (self.y.kernel, self.x.kernel);
         let (sy, sx, dy, dx) = (self.y.stride, self.x.stride, self.y.dilation, self.x.dilation);
         let (py, px) = (self.y.pad_begin as isize, self.x.pad_begin as isize);
+        // Output columns whose input column stays inside the image, for kernel column j.
+        let col_range = |j: usize| -> (usize, usize) {
+            let off = (j * dx) as isize - px;
+            let lo = if off >= 0 { 0 } else { ((-off) as usize).div_ceil(sx) };
+            let hi_excl =
+                if (w as isize - off) <= 0 { 0 } else { ((w as isize - off - 1) as usize) / sx + 1 };
+            (lo.min(ow), hi_excl.min(ow))
+        };
+        let ranges: Vec<(usize, usize)> = (0..kw).map(col_range).collect();
         let mut dst = vec![0f32; n * self.c_out * oh * ow];
-        dst.par_chunks_mut(oh * ow).enumerate().for_each(|(plane, out)| {
+        let plane_out = |(plane, out): (usize, &mut [f32])| {
             let co = plane % self.c_out;
             let img = plane / self.c_out;
             let inp = &src[(img * c_in + co / mult) * h * w..][..h * w];
-            let wk = &self.weight[co * kh * kw..][..kh * kw];
-            out.fill(self.bias.as_ref().map_or(0.0, |b| b[co]));
-            // Output columns whose input column stays inside the image, for kernel column j.
-            let col_range = |j: usize| -> (usize, usize) {
-                let off = (j * dx) as isize - px;
-                let lo = if off >= 0 { 0 } else { ((-off) as usize).div_ceil(sx) };
-                let hi_excl =
-                    if (w as isize - off) <= 0 { 0 } else { ((w as isize - off - 1) as usize) / sx + 1 };
-                (lo.min(ow), hi_excl.min(ow))
-            };
-            let ranges: Vec<(usize, usize)> = (0..kw).map(col_range).collect();
+            let wk = &self.host.weight[co * kh * kw..][..kh * kw];
+            out.fill(self.host.bias.as_ref().map_or(0.0, |b| b[co]));
             for oy in 0..oh {
                 let row = &mut out[oy * ow..][..ow];
                 for i in 0..kh {
@@ -407,8 +449,17 @@ impl CustomOp1 for Depthwise {
                     }
                 }
             }
+            if self.relu {
+                out.iter_mut().for_each(|v| *v = v.max(0.0));
+            }
+        };
+        // Small planes are grouped so each task has enough work to pay for its scheduling.
+        let plane = oh * ow;
+        let per_task = (PAR_MIN / plane.max(1)).max(1);
+        dst.par_chunks_mut(plane * per_task).enumerate().for_each(|(t, chunk)| {
+            chunk.chunks_mut(plane).enumerate().for_each(|(i, out)| plane_out((t * per_task + i, out)));
         });
-        Ok((CpuStorage::F32(dst), Shape::from((n, self.c_out, oh, ow))))
+        dst
     }
 }
 

@@ -4,7 +4,7 @@
 use candle_core::{D, DType, Device, Result, Tensor, bail};
 use candle_onnx::onnx::NodeProto;
 
-use super::kernels::{self, ConvAttrs, PoolAttrs, PoolKind};
+use super::kernels::{self, ConvAttrs, ConvExtras, PoolAttrs, PoolKind};
 use super::proto::{Attrs, cast_dtype, tensor_from_proto};
 use crate::cost;
 
@@ -32,12 +32,13 @@ pub(crate) enum UnaryOp {
 }
 
 /// One parsed node.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub(crate) enum Op {
     /// Identity, and Dropout at inference.
     Identity,
     Constant(Tensor),
-    Conv(ConvAttrs),
+    /// The extras are filled in when the graph is planned (see `OnnxGraph::fuse`).
+    Conv(ConvAttrs, ConvExtras),
     BatchNorm {
         eps: f64,
     },
@@ -80,6 +81,8 @@ pub(crate) enum Op {
         axis: i64,
     },
     Binary(BinOp),
+    /// `relu(a + b)`: an `Add` whose only use was a `Relu`, fused when the graph is planned.
+    AddRelu,
     /// `coerce_2d`: opset < 13 semantics (flatten to 2-D at `axis`, normalise the second part).
     Softmax {
         axis: i64,
@@ -136,7 +139,7 @@ impl Op {
                 Op::Identity
             }
             "Constant" => Op::Constant(constant_value(&a, device).map_err(Bad)?),
-            "Conv" => Op::Conv(ConvAttrs::parse(&a).map_err(Bad)?),
+            "Conv" => Op::Conv(ConvAttrs::parse(&a).map_err(Bad)?, ConvExtras::default()),
             "BatchNormalization" => {
                 if a.int("training_mode", 0) != 0 {
                     return Err(Bad("training_mode=1 is not supported (inference only)".into()));
@@ -264,7 +267,7 @@ impl Op {
         let y = match self {
             Op::Identity => req(0)?.clone(),
             Op::Constant(t) => t.clone(),
-            Op::Conv(c) => kernels::conv(req(0)?, req(1)?, opt(2), c)?,
+            Op::Conv(c, extras) => kernels::conv(req(0)?, req(1)?, opt(2), c, extras)?,
             Op::BatchNorm { eps } => batch_norm(req(0)?, req(1)?, req(2)?, req(3)?, req(4)?, *eps)?,
             Op::Unary(u) => {
                 let x = req(0)?;
@@ -388,6 +391,13 @@ impl Op {
                     (None, BinOp::Sub) => x.broadcast_sub(y)?,
                     (None, BinOp::Mul) => x.broadcast_mul(y)?,
                     (None, BinOp::Div) => x.broadcast_div(y)?,
+                }
+            }
+            Op::AddRelu => {
+                let (x, y) = (req(0)?, req(1)?);
+                match kernels::cpu_zip(x, y, |a, b| (a + b).max(0.0)) {
+                    Some(z) => z?,
+                    None => x.broadcast_add(y)?.relu()?,
                 }
             }
             Op::Softmax { axis, coerce_2d } => {
