@@ -3,10 +3,10 @@
 //!
 //! ```text
 //! cargo run --profile dev --example distillation_experiment -- \
-//!     --faces 4000 --side 48 --teacher-steps 300 --student-steps 300 --seeds 11,12,13 --dir /tmp/exp
+//!     --faces 4000 --side 48 --teacher-steps 300 --student-steps 400 --seeds 11,12,13,14,15 --dir /tmp/exp
 //! ```
 //!
-//! Prints the report as JSON and a one-line summary. Unknown flags are refused.
+//! Defaults are the test's sizes. Prints the report as JSON and a one-line summary. Unknown flags are refused.
 #![allow(clippy::print_stdout)]
 
 use std::path::PathBuf;
@@ -22,12 +22,12 @@ fn parse() -> Result<ExperimentOptions, String> {
         faces: 4000,
         side: 48,
         teacher_steps: 300,
-        student_steps: 300,
+        student_steps: 400,
         labelled_fraction: 0.1,
         views: 1,
         workers: 2,
         seed: 0,
-        student_seeds: vec![11, 12],
+        student_seeds: vec![11, 12, 13, 14, 15],
     };
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {

@@ -2,9 +2,10 @@
 //! a coordinator and two gRPC workers labelling into a cache, the trainer streaming it back).
 //!
 //! A teacher trained on every label; students that see 10 % of the labels, trained with the same
-//! budget with and without the teacher, over two seeds. Asserted: the distilled students beat the
-//! baselines on mean accuracy and mean CCC on the held-out split, and reach at least 90 % of the
-//! teacher's accuracy. Every number is printed.
+//! budget with and without the teacher, over five seeds (one student's accuracy swings by several
+//! points of the teacher's on this small held-out split; the bar is about the mean). Asserted: the
+//! distilled students beat the baselines on mean accuracy and mean CCC on the held-out split, and
+//! reach at least 90 % of the teacher's accuracy. Every number is printed.
 #![allow(clippy::print_stdout)]
 
 use distillery_local::{ExperimentOptions, distillation_experiment};
@@ -21,12 +22,12 @@ async fn distilled_students_beat_the_baseline_and_approach_the_teacher() {
         faces: 4000,
         side: 48,
         teacher_steps: 300,
-        student_steps: 300,
+        student_steps: 400,
         labelled_fraction: 0.1,
         views: 1,
         workers: 2,
         seed: 0,
-        student_seeds: vec![11, 12],
+        student_seeds: vec![11, 12, 13, 14, 15],
     };
     let r = distillation_experiment(&opts).await.unwrap();
     println!("{}", serde_json::to_string_pretty(&r).unwrap());
