@@ -48,6 +48,22 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             let (_, times) = g.run_profiled(&[(&input, &x)], &[&output])?;
             totals.extend(times);
         }
+        // Per node over the iterations (every run lists the nodes in the same order).
+        let per_run = totals.len() / iters;
+        let mut slowest = totals[..per_run].to_vec();
+        for (i, t) in totals.iter().enumerate().skip(per_run) {
+            slowest[i % per_run].elapsed += t.elapsed;
+        }
+        slowest.sort_by_key(|t| std::cmp::Reverse(t.elapsed));
+        for t in slowest.iter().take(8) {
+            println!(
+                "    {:>7.3} ms/batch  {:<10} {:<24} → {:?}",
+                t.elapsed.as_secs_f64() * 1e3 / iters as f64,
+                t.op_type,
+                t.node,
+                t.output_shape
+            );
+        }
         for (op, d, count) in distillery_models::onnx::by_op_type(&totals) {
             println!(
                 "    {op:<14} {:>7.3} ms/batch over {:>3} nodes",
