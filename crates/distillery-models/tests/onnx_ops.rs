@@ -793,3 +793,58 @@ fn relus_fold_into_their_conv_or_add_without_changing_values() -> R {
     assert!(d < 1e-4, "unfused plan max diff {d}");
     Ok(())
 }
+
+/// A depthwise-separable convolution: depthwise 3×3 (+ Relu) → 1×1. Planning folds the Relu and
+/// then the depthwise conv into the pointwise one (one step); the values are the naive loops',
+/// with symmetric pads (the one-pass path) and asymmetric ones (run as two convolutions), and the
+/// depthwise output can still be asked for by name.
+#[test]
+fn depthwise_then_pointwise_runs_as_one_step() -> R {
+    let (n, c, co, h, w) = (2, 6, 5, 9, 7);
+    let xv = values(n * c * h * w, 41);
+    let (kd, bd) = (values(c * 9, 42), values(c, 43));
+    let (kp, bp) = (values(co * c, 44), values(co, 45));
+    for (pads, stride) in [([1usize, 1, 1, 1], 2usize), ([1, 1, 1, 1], 1), ([0, 1, 1, 0], 1)] {
+        let m = model(
+            vec![
+                node(
+                    "Conv",
+                    "dw",
+                    &["x", "wd", "bd"],
+                    &["d"],
+                    vec![
+                        attr_ints("pads", &pads.map(|v| v as i64)),
+                        attr_ints("strides", &[stride as i64, stride as i64]),
+                        attr_i("group", c as i64),
+                    ],
+                ),
+                node("Relu", "r", &["d"], &["a"], vec![]),
+                node("Conv", "pw", &["a", "wp", "bp"], &["y"], vec![]),
+            ],
+            vec![
+                init_f32_raw("wd", &[c as i64, 1, 3, 3], &kd),
+                init_f32("bd", &[c as i64], bd.clone()),
+                init_f32_raw("wp", &[co as i64, c as i64, 1, 1], &kp),
+                init_f32("bp", &[co as i64], bp.clone()),
+            ],
+            &["x"],
+            &["y"],
+            13,
+        );
+        let g = OnnxGraph::from_model(&m, &Device::Cpu)?;
+        assert_eq!(g.num_steps(), 1, "pads {pads:?}: Relu and depthwise conv fold into the pointwise conv");
+        let (d, ddims) =
+            naive_conv(&xv, [n, c, h, w], &kd, [c, 1, 3, 3], Some(&bd), c, [stride, stride], [1, 1], pads);
+        let a: Vec<f32> = d.iter().map(|v| v.max(0.0)).collect();
+        let (y, ydims) =
+            naive_conv(&a, ddims, &kp, [co, c, 1, 1], Some(&bp), 1, [1, 1], [1, 1], [0, 0, 0, 0]);
+        let x = Tensor::from_vec(xv.clone(), vec![n, c, h, w], &Device::Cpu)?;
+        let got = g.run(&[("x", &x)], &["y"])?.remove(0);
+        assert_eq!(got.dims(), &ydims);
+        let diff = max_diff(&got.flatten_all()?.to_vec1::<f32>()?, &y);
+        assert!(diff < 1e-4, "pads {pads:?} stride {stride}: max diff {diff}");
+        let got_d = g.run(&[("x", &x)], &["d"])?.remove(0).flatten_all()?.to_vec1::<f32>()?;
+        assert!(max_diff(&got_d, &d) < 1e-4, "the depthwise output by name");
+    }
+    Ok(())
+}

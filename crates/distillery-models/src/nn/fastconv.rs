@@ -119,6 +119,19 @@ pub struct Extent {
     pub w: usize,
 }
 
+/// A depthwise convolution (one filter per channel, `geom.c_in == geom.c_out`) computed tile by
+/// tile straight into the input buffer of the 1×1 convolution that reads it, so its output is
+/// never stored: a depthwise-separable convolution in one pass ([`separable_tensor`]).
+#[derive(Clone, Copy, Debug)]
+pub struct DepthwiseStage<'a> {
+    pub geom: ConvGeom,
+    /// `[c, kh·kw]`.
+    pub weight: &'a [f32],
+    pub bias: Option<&'a [f32]>,
+    /// ReLU after the bias.
+    pub relu: bool,
+}
+
 /// `n` images of `c` channels of `h×w`, image `i` channel `c` at `ptr + i·img_stride + c·h·w`.
 #[derive(Clone, Copy)]
 struct Planes<P> {
@@ -236,17 +249,107 @@ unsafe fn unfold_tile(
     }
 }
 
+/// Computes output positions `cols` (row-major over the `ho×wo` output) of a depthwise
+/// convolution of one `h×w` image into `buf` (`[c, cols.len()]`).
+///
+/// # Safety
+/// `src` must point at `dw.geom.c_in` planes of `h·w` readable floats, and `dw.geom.out_hw(h, w)`
+/// must be `Ok`.
+unsafe fn depthwise_tile(
+    src: *const f32,
+    (h, w): (usize, usize),
+    dw: &DepthwiseStage<'_>,
+    cols: std::ops::Range<usize>,
+    buf: &mut [f32],
+) {
+    let g = &dw.geom;
+    let (j0, j1) = (cols.start, cols.end);
+    let nc = j1 - j0;
+    let ho = (h + 2 * g.pad_h - g.kh) / g.stride_h + 1;
+    let wo = (w + 2 * g.pad_w - g.kw) / g.stride_w + 1;
+    let taps = g.kh * g.kw;
+    let three_taps = g.kw == 3 && g.stride_w == 1 && g.pad_w == 1 && w >= 2;
+    for c in 0..g.c_in {
+        // SAFETY: the caller guarantees `c_in` planes of `h·w` floats.
+        let plane = unsafe { std::slice::from_raw_parts(src.add(c * h * w), h * w) };
+        let wk = &dw.weight[c * taps..][..taps];
+        let row = &mut buf[c * nc..][..nc];
+        row.fill(dw.bias.map_or(0.0, |b| b[c]));
+        let mut j = j0;
+        while j < j1 {
+            let (oy, ox0) = (j / wo, j % wo);
+            let ox1 = wo.min(ox0 + (j1 - j));
+            let dst = &mut row[j - j0..j - j0 + (ox1 - ox0)];
+            j += ox1 - ox0;
+            for ky in 0..g.kh {
+                let (oy_lo, oy_hi) = ConvGeom::valid(ky, h, ho, g.stride_h, g.pad_h);
+                if oy < oy_lo || oy >= oy_hi {
+                    continue;
+                }
+                let src_row = &plane[(oy * g.stride_h + ky - g.pad_h) * w..][..w];
+                if three_taps {
+                    // The common 3-wide, stride-1, pad-1 row (output width = input width): all
+                    // three taps in one pass over the interior, the two edges by hand.
+                    let (w0, w1, w2) = (wk[ky * 3], wk[ky * 3 + 1], wk[ky * 3 + 2]);
+                    let (lo, hi) = (ox0.max(1), ox1.min(wo - 1));
+                    if lo < hi {
+                        let out = &mut dst[lo - ox0..hi - ox0];
+                        let taps = src_row[lo - 1..hi - 1]
+                            .iter()
+                            .zip(&src_row[lo..hi])
+                            .zip(&src_row[lo + 1..hi + 1]);
+                        for (o, ((&a, &b), &c)) in out.iter_mut().zip(taps) {
+                            *o += w0 * a + w1 * b + w2 * c;
+                        }
+                    }
+                    if ox0 == 0 {
+                        dst[0] += w1 * src_row[0] + w2 * src_row[1];
+                    }
+                    if ox1 == wo {
+                        dst[wo - 1 - ox0] += w0 * src_row[wo - 2] + w1 * src_row[wo - 1];
+                    }
+                    continue;
+                }
+                for kx in 0..g.kw {
+                    let (ox_lo, ox_hi) = ConvGeom::valid(kx, w, wo, g.stride_w, g.pad_w);
+                    let (a, b) = (ox_lo.clamp(ox0, ox1), ox_hi.clamp(ox0, ox1));
+                    if a >= b {
+                        continue;
+                    }
+                    let wv = wk[ky * g.kw + kx];
+                    let ix0 = a * g.stride_w + kx - g.pad_w;
+                    let out = &mut dst[a - ox0..b - ox0];
+                    if g.stride_w == 1 {
+                        for (o, &v) in out.iter_mut().zip(&src_row[ix0..ix0 + (b - a)]) {
+                            *o += wv * v;
+                        }
+                    } else {
+                        for (i, o) in out.iter_mut().enumerate() {
+                            *o += wv * src_row[ix0 + i * g.stride_w];
+                        }
+                    }
+                }
+            }
+        }
+        if dw.relu {
+            row.iter_mut().for_each(|v| *v = v.max(0.0));
+        }
+    }
+}
+
 /// The convolution over raw planes.
 ///
 /// # Safety
 /// `src` holds `x.n` images of `c_in` planes of `h·w` floats at `src.img_stride` apart; `dst`
 /// holds `x.n` images of `c_out` planes of `ho·wo` floats at `dst.img_stride` apart; no output
-/// plane overlaps an input plane.
+/// plane overlaps an input plane. With a depthwise `stage`, `x` is the extent of the stage's
+/// output and `src` holds the stage's input planes of `stage_hw`.
 unsafe fn conv_raw(
     op: &FusedConv<'_>,
     x: Extent,
     src: Planes<SendConst>,
     dst: Planes<SendMut>,
+    stage: Option<(&DepthwiseStage<'_>, (usize, usize))>,
 ) -> Result<()> {
     let FusedConv { geom: ref g, weight, pre, epi } = *op;
     let Extent { n, h, w } = x;
@@ -269,7 +372,7 @@ unsafe fn conv_raw(
     let cols = tile_cols(k, hw_out, n, threads);
     let per_img = hw_out.div_ceil(cols);
     let tasks = n * per_img;
-    let direct = g.reads_input_directly() && pre.is_none();
+    let direct = g.reads_input_directly() && pre.is_none() && stage.is_none();
     // With fewer tiles than threads, the tiles run one after another and gemm splits each.
     let tiles_in_parallel = tasks >= threads;
     let inner = if tiles_in_parallel { gemm::Parallelism::None } else { gemm::Parallelism::Rayon(threads) };
@@ -314,8 +417,11 @@ unsafe fn conv_raw(
                 if b.len() < k * nc {
                     b.resize(k * nc, 0.0);
                 }
-                // SAFETY: `s` points at this image's c_in input planes.
-                unsafe { unfold_tile(s, (h, w), g, pre, j0..j1, &mut b[..k * nc]) };
+                // SAFETY: `s` points at this image's c_in input planes (of the stage's input).
+                match stage {
+                    Some((dw, hw)) => unsafe { depthwise_tile(s, hw, dw, j0..j1, &mut b[..k * nc]) },
+                    None => unsafe { unfold_tile(s, (h, w), g, pre, j0..j1, &mut b[..k * nc]) },
+                }
                 product(b.as_ptr(), nc);
             };
             COLS.with(|b| match b.try_borrow_mut() {
@@ -394,7 +500,7 @@ pub fn conv2d(
         img_stride: dst_ch.channels * ho * wo,
     };
     // SAFETY: sizes checked above; `src` and `dst` are distinct borrows.
-    unsafe { conv_raw(op, x, s, d) }
+    unsafe { conv_raw(op, x, s, d, None) }
 }
 
 /// Convolves input channels `src_c..src_c + c_in` of `buf` (`[n, c_total, h, w]`) into channels
@@ -424,7 +530,7 @@ pub fn conv2d_within(
     let s = Planes { ptr: SendConst(unsafe { base.add(src_c * plane) }), img_stride: c_total * plane };
     let d = Planes { ptr: SendMut(unsafe { base.add(dst_c * plane) }), img_stride: c_total * plane };
     // SAFETY: channel ranges checked in bounds and disjoint; `buf` is exclusively borrowed.
-    unsafe { conv_raw(op, x, s, d) }
+    unsafe { conv_raw(op, x, s, d, None) }
 }
 
 /// The contiguous f32 contents of a CPU tensor, or `None` for other devices and dtypes.
@@ -462,6 +568,50 @@ pub fn conv2d_tensor(op: &FusedConv<'_>, x: &Tensor) -> Result<Option<Tensor>> {
         let mut dst = vec![0f32; n * g.c_out * ho * wo];
         let op = FusedConv { epi: Epilogue { accumulate: false, ..op.epi }, ..*op };
         conv2d(&op, Extent { n, h, w }, (src, Channels::all(c)), (&mut dst, Channels::all(g.c_out)))?;
+        Ok(dst)
+    });
+    match out {
+        Some(v) => Ok(Some(Tensor::from_vec(v?, (n, g.c_out, ho, wo), &Device::Cpu)?)),
+        None => Ok(None),
+    }
+}
+
+/// A depthwise `stage` followed by the 1×1, stride-1 convolution `pw` on a tensor `[n, c, h, w]`,
+/// returning `[n, pw.c_out, ho, wo]` without storing the depthwise output; `None` when `x` is not
+/// a CPU f32 tensor.
+pub fn separable_tensor(
+    stage: &DepthwiseStage<'_>,
+    pw: &FusedConv<'_>,
+    x: &Tensor,
+) -> Result<Option<Tensor>> {
+    let (n, c, h, w) = x.dims4()?;
+    let (dg, g) = (&stage.geom, &pw.geom);
+    if c != dg.c_in
+        || dg.c_out != dg.c_in
+        || g.c_in != dg.c_out
+        || !g.reads_input_directly()
+        || pw.pre.is_some()
+    {
+        bail!(
+            "separable conv: a depthwise {}→{} stage and a 1×1 {}→{} convolution do not fit an input of {c} channels",
+            dg.c_in,
+            dg.c_out,
+            g.c_in,
+            g.c_out
+        );
+    }
+    if stage.weight.len() != c * dg.kh * dg.kw || stage.bias.is_some_and(|b| b.len() != c) {
+        bail!("separable conv: depthwise weights of {} values for {c} channels", stage.weight.len());
+    }
+    let (ho, wo) = dg.out_hw(h, w)?;
+    let x = x.contiguous()?;
+    let out = cpu_f32(&x, |src| -> Result<Vec<f32>> {
+        let mut dst = vec![0f32; n * g.c_out * ho * wo];
+        let op = FusedConv { epi: Epilogue { accumulate: false, ..pw.epi }, ..*pw };
+        let s = Planes { ptr: SendConst(src.as_ptr()), img_stride: c * h * w };
+        let d = Planes { ptr: SendMut(dst.as_mut_ptr()), img_stride: g.c_out * ho * wo };
+        // SAFETY: `src` is `[n, c, h, w]`, `dst` `[n, c_out, ho, wo]`, distinct buffers.
+        unsafe { conv_raw(&op, Extent { n, h: ho, w: wo }, s, d, Some((stage, (h, w))))? };
         Ok(dst)
     });
     match out {
@@ -602,6 +752,77 @@ mod tests {
 
         let e = conv2d_within(&op, ext, &mut buf, 7, (0, 2)).unwrap_err().to_string();
         assert!(e.contains("overlap"), "{e}");
+    }
+
+    #[test]
+    fn separable_matches_depthwise_then_pointwise() {
+        // n, c, c_out, h, w, k, stride, pad
+        for (case, &[n, c, co, h, w, k, s, p]) in [
+            [2, 5, 7, 9, 8, 3, 1, 1],
+            [1, 6, 4, 11, 7, 3, 2, 1],
+            [3, 16, 24, 40, 40, 3, 1, 1],
+            [1, 3, 2, 6, 6, 5, 2, 0],
+        ]
+        .iter()
+        .enumerate()
+        {
+            let seed = 10 * case as u64;
+            let x = randn(&[n, c, h, w], seed + 1);
+            let wd = randn(&[c, 1, k, k], seed + 2);
+            let bd = randn(&[c], seed + 3);
+            let wp = randn(&[co, c, 1, 1], seed + 4);
+            let bp = randn(&[co], seed + 5);
+            let (wdv, bdv, wpv, bpv) = (
+                host_weights(&wd).unwrap(),
+                bd.to_vec1::<f32>().unwrap(),
+                host_weights(&wp).unwrap(),
+                bp.to_vec1::<f32>().unwrap(),
+            );
+            for (dw_relu, pw_relu) in [(false, false), (true, false), (true, true)] {
+                let stage = DepthwiseStage {
+                    geom: ConvGeom::square(c, c, k, s, p),
+                    weight: &wdv,
+                    bias: Some(&bdv),
+                    relu: dw_relu,
+                };
+                let pw = FusedConv {
+                    geom: ConvGeom::square(c, co, 1, 1, 0),
+                    weight: &wpv,
+                    pre: None,
+                    epi: Epilogue { bias: Some(&bpv), relu: pw_relu, accumulate: false },
+                };
+                let ours = separable_tensor(&stage, &pw, &x).unwrap().unwrap();
+                let f64 = |t: &Tensor| t.to_dtype(DType::F64).unwrap();
+                let mut mid = f64(&x)
+                    .conv2d(&f64(&wd), p, s, 1, c)
+                    .unwrap()
+                    .broadcast_add(&f64(&bd).reshape((1, c, 1, 1)).unwrap())
+                    .unwrap();
+                if dw_relu {
+                    mid = mid.relu().unwrap();
+                }
+                let mut want = mid
+                    .conv2d(&f64(&wp), 0, 1, 1, 1)
+                    .unwrap()
+                    .broadcast_add(&f64(&bp).reshape((1, co, 1, 1)).unwrap())
+                    .unwrap();
+                if pw_relu {
+                    want = want.relu().unwrap();
+                }
+                let d = max_diff(&ours, &want.to_dtype(DType::F32).unwrap());
+                assert!(d < 1e-4, "case {case} relu {dw_relu}/{pw_relu}: max diff {d}");
+            }
+        }
+        let g = ConvGeom::square(4, 4, 3, 1, 1);
+        let stage = DepthwiseStage { geom: g, weight: &[0.0; 36], bias: None, relu: false };
+        let pw = FusedConv {
+            geom: ConvGeom::square(3, 2, 1, 1, 0),
+            weight: &[0.0; 6],
+            pre: None,
+            epi: Epilogue::default(),
+        };
+        let e = separable_tensor(&stage, &pw, &randn(&[1, 4, 5, 5], 1)).unwrap_err().to_string();
+        assert!(e.contains("do not fit"), "{e}");
     }
 
     #[test]

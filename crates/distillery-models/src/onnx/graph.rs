@@ -8,7 +8,7 @@ use candle_onnx::onnx::{ModelProto, NodeProto};
 use prost::Message;
 
 use super::OnnxError;
-use super::kernels::HostConv;
+use super::kernels::{HostConv, Separable};
 use super::ops::{BinOp, Op, ParseError, UnaryOp};
 use super::proto::tensor_from_proto;
 
@@ -104,10 +104,11 @@ impl OnnxGraph {
         Ok(g)
     }
 
-    /// Plans for speed: the constant weights of every convolution are flattened on the host once,
-    /// and a `Relu` whose input nothing else reads is folded into the `Conv` or `Add` producing it
-    /// (one pass over the data instead of two, one tensor fewer). The unfused plan is kept for
-    /// runs that ask for a value fusion removed.
+    /// Plans for speed: the constant weights of every convolution are flattened on the host once;
+    /// a `Relu` whose input nothing else reads is folded into the `Conv` or `Add` producing it
+    /// (one pass over the data instead of two, one tensor fewer); then a depthwise `Conv` whose
+    /// output only a 1×1 `Conv` reads is folded into it (its output is never stored). The
+    /// unfused plan is kept for runs that ask for a value fusion removed.
     fn fuse(&mut self) -> Result<(), OnnxError> {
         for st in &mut self.steps {
             let Op::Conv(_, extras) = &mut st.op else { continue };
@@ -124,12 +125,32 @@ impl OnnxGraph {
             })?;
         }
         let before = (self.steps.clone(), self.producer.clone());
-        let graph_outputs: Vec<usize> =
-            self.outputs.iter().filter_map(|o| self.slots.get(o).copied()).collect();
+        let relus = self.fold_relus();
+        let separables = self.fold_separables();
+        if relus + separables > 0 {
+            self.exact = Some(before);
+        }
+        Ok(())
+    }
+
+    /// Slots read by exactly one step and not declared outputs: their producer may be fused
+    /// into that reader.
+    fn single_reader_slots(&self) -> Vec<bool> {
         let mut uses = vec![0usize; self.constants.len()];
         for st in &self.steps {
             st.inputs.iter().flatten().for_each(|&s| uses[s] += 1);
         }
+        for o in &self.outputs {
+            if let Some(&s) = self.slots.get(o) {
+                uses[s] += 1;
+            }
+        }
+        uses.into_iter().map(|u| u == 1).collect()
+    }
+
+    /// Folds each `Relu` into the `Conv` or `Add` whose output only it reads; returns how many.
+    fn fold_relus(&mut self) -> usize {
+        let single = self.single_reader_slots();
         let mut removed = vec![false; self.steps.len()];
         for i in 0..self.steps.len() {
             if !matches!(self.steps[i].op, Op::Unary(UnaryOp::Relu)) {
@@ -137,7 +158,7 @@ impl OnnxGraph {
             }
             let Some(Some(s)) = self.steps[i].inputs.first().copied() else { continue };
             let Some(p) = self.producer[s] else { continue };
-            if uses[s] != 1 || graph_outputs.contains(&s) || self.steps[p].outputs.len() != 1 {
+            if !single[s] || self.steps[p].outputs.len() != 1 {
                 continue;
             }
             let outputs = self.steps[i].outputs.clone();
@@ -151,8 +172,52 @@ impl OnnxGraph {
             producer.outputs = outputs;
             removed[i] = true;
         }
-        if !removed.contains(&true) {
-            return Ok(());
+        self.drop_steps(&removed)
+    }
+
+    /// Folds each depthwise `Conv` into the 1×1 `Conv` that is the only reader of its output;
+    /// returns how many.
+    fn fold_separables(&mut self) -> usize {
+        let single = self.single_reader_slots();
+        let constant =
+            |st: &Step, i: usize| st.inputs.get(i).copied().flatten().and_then(|s| self.constants[s].clone());
+        let mut fused = Vec::new();
+        for (i, st) in self.steps.iter().enumerate() {
+            let Op::Conv(pa, pe) = &st.op else { continue };
+            let Some(Some(x)) = st.inputs.first().copied() else { continue };
+            let Some(p) = self.producer[x] else { continue };
+            let dst = &self.steps[p];
+            let Op::Conv(da, de) = &dst.op else { continue };
+            if !single[x]
+                || dst.outputs.len() != 1
+                || (dst.inputs.len() > 2 && dst.inputs[2].is_some() && constant(dst, 2).is_none())
+            {
+                continue;
+            }
+            let (Some(dw_w), Some(pw_w)) = (constant(dst, 1), constant(st, 1)) else { continue };
+            let dw_b = constant(dst, 2);
+            if let Some(sep) = Separable::try_new((da, &dw_w, dw_b.as_ref(), de), (pa, &pw_w, pe)) {
+                fused.push((i, p, sep));
+            }
+        }
+        let mut removed = vec![false; self.steps.len()];
+        for (i, p, sep) in fused {
+            let dw_input = self.steps[p].inputs[0];
+            let dw_type = self.steps[p].op_type.clone();
+            let st = &mut self.steps[i];
+            st.op = Op::Separable(Box::new(sep));
+            st.inputs[0] = dw_input;
+            st.op_type = format!("{dw_type}>{}", st.op_type);
+            removed[p] = true;
+        }
+        self.drop_steps(&removed)
+    }
+
+    /// Removes the marked steps and recomputes which step produces each slot; returns how many.
+    fn drop_steps(&mut self, removed: &[bool]) -> usize {
+        let count = removed.iter().filter(|r| **r).count();
+        if count == 0 {
+            return 0;
         }
         let mut i = 0;
         self.steps.retain(|_| {
@@ -165,8 +230,7 @@ impl OnnxGraph {
                 self.producer[*o] = Some(idx);
             }
         }
-        self.exact = Some(before);
-        Ok(())
+        count
     }
 
     fn slot(&mut self, name: &str) -> usize {

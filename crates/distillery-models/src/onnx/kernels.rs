@@ -15,7 +15,7 @@ use rayon::prelude::*;
 
 use super::proto::Attrs;
 use crate::cost;
-use crate::nn::fastconv::{self, ConvGeom, Epilogue, FusedConv};
+use crate::nn::fastconv::{self, ConvGeom, DepthwiseStage, Epilogue, FusedConv};
 
 /// ONNX `auto_pad`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -350,6 +350,108 @@ fn fast_conv2d(
     let geom = ConvGeom { c_in, c_out, kh, kw, stride_h: ay.stride, stride_w: ax.stride, pad_h, pad_w };
     let epi = Epilogue { bias: host.bias.as_deref(), relu, accumulate: false };
     fastconv::conv2d_tensor(&FusedConv { geom, weight: &host.weight, pre: None, epi }, &xp)
+}
+
+/// A depthwise convolution fused with the 1×1 convolution that was its only reader (planned by
+/// the graph): on the CPU the depthwise output is computed tile by tile into the pointwise gemm's
+/// input and never stored ([`fastconv::separable_tensor`]).
+#[derive(Clone, Debug)]
+pub(crate) struct Separable {
+    dw: ConvAttrs,
+    dw_w: Tensor,
+    dw_b: Option<Tensor>,
+    dw_extras: ConvExtras,
+    pw: ConvAttrs,
+    pw_extras: ConvExtras,
+}
+
+impl Separable {
+    /// The pair when the first is a depthwise convolution (one input channel per group, one
+    /// output per channel) and the second a single-group 1×1 convolution, both with host weights.
+    pub(crate) fn try_new(
+        (dw, dw_w, dw_b, dw_extras): (&ConvAttrs, &Tensor, Option<&Tensor>, &ConvExtras),
+        (pw, pw_w, pw_extras): (&ConvAttrs, &Tensor, &ConvExtras),
+    ) -> Option<Self> {
+        let (dc, dcg, _, _) = dw_w.dims4().ok()?;
+        let (_, pc, pkh, pkw) = pw_w.dims4().ok()?;
+        let fits = dcg == 1 && dw.group == dc && pc == dc && (pkh, pkw) == (1, 1) && pw.group == 1;
+        (fits && dw_extras.host.is_some() && pw_extras.host.is_some()).then(|| Self {
+            dw: dw.clone(),
+            dw_w: dw_w.clone(),
+            dw_b: dw_b.cloned(),
+            dw_extras: dw_extras.clone(),
+            pw: pw.clone(),
+            pw_extras: pw_extras.clone(),
+        })
+    }
+}
+
+/// The fused pair on input `x`, with the pointwise weights `w` and bias `b` (the node's inputs).
+pub(crate) fn separable(x: &Tensor, w: &Tensor, b: Option<&Tensor>, s: &Separable) -> Result<Tensor> {
+    if let Some(y) = separable_fast(x, w, s)? {
+        return Ok(y);
+    }
+    let mid = conv(x, &s.dw_w, s.dw_b.as_ref(), &s.dw, &s.dw_extras)?;
+    conv(&mid, w, b, &s.pw, &s.pw_extras)
+}
+
+/// The one-pass path; `None` where it does not apply (other devices or dtypes, dilation,
+/// asymmetric padding, a strided or padded pointwise convolution): the caller runs the two
+/// convolutions one after the other.
+fn separable_fast(x: &Tensor, w: &Tensor, s: &Separable) -> Result<Option<Tensor>> {
+    let (Some(dh), Some(ph)) = (&s.dw_extras.host, &s.pw_extras.host) else { return Ok(None) };
+    if x.rank() != 4 || !x.device().is_cpu() || x.dtype() != DType::F32 {
+        return Ok(None);
+    }
+    let (n, c, h, wd) = x.dims4()?;
+    let (dc, _, kh, kw) = s.dw_w.dims4()?;
+    let (co, _, _, _) = w.dims4()?;
+    let shape_ok = |a: &ConvAttrs, k: [usize; 2]| a.kernel_shape.as_ref().is_none_or(|ks| ks.as_slice() == k);
+    if dc != c || !shape_ok(&s.dw, [kh, kw]) || !shape_ok(&s.pw, [1, 1]) {
+        return Ok(None);
+    }
+    let [ay, ax]: [Axis; 2] =
+        axes(&[h, wd], &[kh, kw], &s.dw.strides, &s.dw.dilations, &s.dw.pads, s.dw.auto_pad)?
+            .try_into()
+            .expect("two axes");
+    if ay.dilation != 1 || ax.dilation != 1 || ay.pad_begin != ay.pad_end || ax.pad_begin != ax.pad_end {
+        return Ok(None);
+    }
+    let (oh, ow) = (ay.out_floor()?, ax.out_floor()?);
+    let [py, px]: [Axis; 2] =
+        axes(&[oh, ow], &[1, 1], &s.pw.strides, &s.pw.dilations, &s.pw.pads, s.pw.auto_pad)?
+            .try_into()
+            .expect("two axes");
+    if py.stride != 1 || px.stride != 1 || py.pad_begin + py.pad_end + px.pad_begin + px.pad_end != 0 {
+        return Ok(None);
+    }
+    let stage = DepthwiseStage {
+        geom: ConvGeom {
+            c_in: c,
+            c_out: c,
+            kh,
+            kw,
+            stride_h: ay.stride,
+            stride_w: ax.stride,
+            pad_h: ay.pad_begin,
+            pad_w: ax.pad_begin,
+        },
+        weight: &dh.weight,
+        bias: dh.bias.as_deref(),
+        relu: s.dw_extras.relu,
+    };
+    let pw = FusedConv {
+        geom: ConvGeom::square(c, co, 1, 1, 0),
+        weight: &ph.weight,
+        pre: None,
+        epi: Epilogue { bias: ph.bias.as_deref(), relu: s.pw_extras.relu, accumulate: false },
+    };
+    let y = fastconv::separable_tensor(&stage, &pw, x)?;
+    if let Some(y) = &y {
+        cost::record(cost::conv2d_macs(&[n, c, oh, ow], 1, kh, kw));
+        cost::record(cost::conv2d_macs(y.dims(), c, 1, 1));
+    }
+    Ok(y)
 }
 
 /// Elements below which an elementwise op runs on one thread: splitting smaller maps costs more

@@ -4,7 +4,7 @@
 use candle_core::{D, DType, Device, Result, Tensor, bail};
 use candle_onnx::onnx::NodeProto;
 
-use super::kernels::{self, ConvAttrs, ConvExtras, PoolAttrs, PoolKind};
+use super::kernels::{self, ConvAttrs, ConvExtras, PoolAttrs, PoolKind, Separable};
 use super::proto::{Attrs, cast_dtype, tensor_from_proto};
 use crate::cost;
 
@@ -39,6 +39,9 @@ pub(crate) enum Op {
     Constant(Tensor),
     /// The extras are filled in when the graph is planned (see `OnnxGraph::fuse`).
     Conv(ConvAttrs, ConvExtras),
+    /// A depthwise `Conv` fused into the 1×1 `Conv` that was its only reader; inputs are the
+    /// depthwise input and the pointwise weights and bias.
+    Separable(Box<Separable>),
     BatchNorm {
         eps: f64,
     },
@@ -268,6 +271,7 @@ impl Op {
             Op::Identity => req(0)?.clone(),
             Op::Constant(t) => t.clone(),
             Op::Conv(c, extras) => kernels::conv(req(0)?, req(1)?, opt(2), c, extras)?,
+            Op::Separable(s) => kernels::separable(req(0)?, req(1)?, opt(2), s)?,
             Op::BatchNorm { eps } => batch_norm(req(0)?, req(1)?, req(2)?, req(3)?, req(4)?, *eps)?,
             Op::Unary(u) => {
                 let x = req(0)?;
