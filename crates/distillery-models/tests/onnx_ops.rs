@@ -848,3 +848,65 @@ fn depthwise_then_pointwise_runs_as_one_step() -> R {
     }
     Ok(())
 }
+
+/// Additions folded into the convolution producing one operand: `relu(a1 + pw(dw(a1)))` (a
+/// residual block) runs as one step onto a copy of `a1`, and `pw2(y1) + k` with a broadcast
+/// constant `k` keeps its value through the broadcasting path. Values are the naive loops'.
+#[test]
+fn additions_fold_into_the_convolution_before_them() -> R {
+    let (n, c, h, w) = (2, 4, 6, 5);
+    let xv = values(n * c * h * w, 51);
+    let (k1, b1) = (values(c * c * 9, 52), values(c, 53));
+    let (kd, bd) = (values(c * 9, 54), values(c, 55));
+    let (kp, bp) = (values(c * c, 56), values(c, 57));
+    let (kq, bq) = (values(c * c, 58), values(c, 59));
+    let kc = values(c, 60);
+    let pads = attr_ints("pads", &[1, 1, 1, 1]);
+    let m = model(
+        vec![
+            node("Conv", "dense", &["x", "w1", "b1"], &["c1"], vec![pads.clone()]),
+            node("Relu", "r1", &["c1"], &["a1"], vec![]),
+            node("Conv", "dw", &["a1", "wd", "bd"], &["d"], vec![pads, attr_i("group", c as i64)]),
+            node("Conv", "pw", &["d", "wp", "bp"], &["p"], vec![]),
+            node("Add", "res", &["a1", "p"], &["s"], vec![]),
+            node("Relu", "r2", &["s"], &["y1"], vec![]),
+            node("Conv", "pw2", &["y1", "wq", "bq"], &["q"], vec![]),
+            node("Add", "shift", &["q", "k"], &["y"], vec![]),
+        ],
+        vec![
+            init_f32_raw("w1", &[c as i64, c as i64, 3, 3], &k1),
+            init_f32("b1", &[c as i64], b1.clone()),
+            init_f32_raw("wd", &[c as i64, 1, 3, 3], &kd),
+            init_f32("bd", &[c as i64], bd.clone()),
+            init_f32_raw("wp", &[c as i64, c as i64, 1, 1], &kp),
+            init_f32("bp", &[c as i64], bp.clone()),
+            init_f32_raw("wq", &[c as i64, c as i64, 1, 1], &kq),
+            init_f32("bq", &[c as i64], bq.clone()),
+            init_f32("k", &[1, c as i64, 1, 1], kc.clone()),
+        ],
+        &["x"],
+        &["y"],
+        13,
+    );
+    let g = OnnxGraph::from_model(&m, &Device::Cpu)?;
+    assert_eq!(g.num_steps(), 3, "conv+relu, separable+add+relu, conv+add");
+
+    let dims = [n, c, h, w];
+    let relu = |v: &[f32]| v.iter().map(|v| v.max(0.0)).collect::<Vec<f32>>();
+    let (c1, _) = naive_conv(&xv, dims, &k1, [c, c, 3, 3], Some(&b1), 1, [1, 1], [1, 1], [1, 1, 1, 1]);
+    let a1 = relu(&c1);
+    let (d, _) = naive_conv(&a1, dims, &kd, [c, 1, 3, 3], Some(&bd), c, [1, 1], [1, 1], [1, 1, 1, 1]);
+    let (p, _) = naive_conv(&d, dims, &kp, [c, c, 1, 1], Some(&bp), 1, [1, 1], [1, 1], [0, 0, 0, 0]);
+    let y1 = relu(&a1.iter().zip(&p).map(|(a, b)| a + b).collect::<Vec<f32>>());
+    let (q, _) = naive_conv(&y1, dims, &kq, [c, c, 1, 1], Some(&bq), 1, [1, 1], [1, 1], [0, 0, 0, 0]);
+    let y: Vec<f32> = q.iter().enumerate().map(|(i, v)| v + kc[(i / (h * w)) % c]).collect();
+
+    let x = Tensor::from_vec(xv, dims.to_vec(), &Device::Cpu)?;
+    let got = g.run(&[("x", &x)], &["y"])?.remove(0);
+    assert_eq!(got.dims(), &dims);
+    let diff = max_diff(&got.flatten_all()?.to_vec1::<f32>()?, &y);
+    assert!(diff < 1e-4, "fused additions max diff {diff}");
+    let got_p = g.run(&[("x", &x)], &["p"])?.remove(0).flatten_all()?.to_vec1::<f32>()?;
+    assert!(max_diff(&got_p, &p) < 1e-4, "the pointwise output before the addition, by name");
+    Ok(())
+}

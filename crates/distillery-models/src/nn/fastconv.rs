@@ -557,32 +557,53 @@ pub fn host_weights(weight: &Tensor) -> Option<Vec<f32>> {
 /// is ignored); `None` when `x` is not a CPU f32 tensor (callers fall back to candle's
 /// convolution).
 pub fn conv2d_tensor(op: &FusedConv<'_>, x: &Tensor) -> Result<Option<Tensor>> {
+    conv2d_tensor_onto(op, x, None)
+}
+
+/// [`conv2d_tensor`] whose output starts as a copy of `base` (a residual connection: the product
+/// is added to it before the bias and ReLU of `op.epi`); `None` also when `base` is not a CPU f32
+/// tensor of the output's shape.
+pub fn conv2d_tensor_onto(op: &FusedConv<'_>, x: &Tensor, base: Option<&Tensor>) -> Result<Option<Tensor>> {
     let g = &op.geom;
     let (n, c, h, w) = x.dims4()?;
     if c != g.c_in {
         bail!("conv: input has {c} channels, the weights expect {}", g.c_in);
     }
     let (ho, wo) = g.out_hw(h, w)?;
+    let Some((mut dst, accumulate)) = output_buffer(&[n, g.c_out, ho, wo], base)? else { return Ok(None) };
     let x = x.contiguous()?;
-    let out = cpu_f32(&x, |src| -> Result<Vec<f32>> {
-        let mut dst = vec![0f32; n * g.c_out * ho * wo];
-        let op = FusedConv { epi: Epilogue { accumulate: false, ..op.epi }, ..*op };
-        conv2d(&op, Extent { n, h, w }, (src, Channels::all(c)), (&mut dst, Channels::all(g.c_out)))?;
-        Ok(dst)
+    let out = cpu_f32(&x, |src| -> Result<()> {
+        let op = FusedConv { epi: Epilogue { accumulate, ..op.epi }, ..*op };
+        conv2d(&op, Extent { n, h, w }, (src, Channels::all(c)), (&mut dst, Channels::all(g.c_out)))
     });
     match out {
-        Some(v) => Ok(Some(Tensor::from_vec(v?, (n, g.c_out, ho, wo), &Device::Cpu)?)),
+        Some(r) => {
+            r?;
+            Ok(Some(Tensor::from_vec(dst, (n, g.c_out, ho, wo), &Device::Cpu)?))
+        }
         None => Ok(None),
     }
 }
 
+/// A fresh output of `dims`: zeros, or a copy of `base` to accumulate onto (`true`); `None` when
+/// `base` is not a CPU f32 tensor of exactly that shape.
+fn output_buffer(dims: &[usize], base: Option<&Tensor>) -> Result<Option<(Vec<f32>, bool)>> {
+    match base {
+        None => Ok(Some((vec![0f32; dims.iter().product()], false))),
+        Some(b) if b.dims() == dims => Ok(cpu_f32(&b.contiguous()?, |v| (v.to_vec(), true))),
+        Some(_) => Ok(None),
+    }
+}
+
 /// A depthwise `stage` followed by the 1×1, stride-1 convolution `pw` on a tensor `[n, c, h, w]`,
-/// returning `[n, pw.c_out, ho, wo]` without storing the depthwise output; `None` when `x` is not
-/// a CPU f32 tensor.
+/// returning `[n, pw.c_out, ho, wo]` without storing the depthwise output, onto a copy of `base`
+/// when given (as [`conv2d_tensor_onto`]); `None` when `x` (or `base`) is not a CPU f32 tensor
+/// (of the output's shape).
 pub fn separable_tensor(
     stage: &DepthwiseStage<'_>,
     pw: &FusedConv<'_>,
     x: &Tensor,
+    base: Option<&Tensor>,
 ) -> Result<Option<Tensor>> {
     let (n, c, h, w) = x.dims4()?;
     let (dg, g) = (&stage.geom, &pw.geom);
@@ -604,18 +625,20 @@ pub fn separable_tensor(
         bail!("separable conv: depthwise weights of {} values for {c} channels", stage.weight.len());
     }
     let (ho, wo) = dg.out_hw(h, w)?;
+    let Some((mut dst, accumulate)) = output_buffer(&[n, g.c_out, ho, wo], base)? else { return Ok(None) };
     let x = x.contiguous()?;
-    let out = cpu_f32(&x, |src| -> Result<Vec<f32>> {
-        let mut dst = vec![0f32; n * g.c_out * ho * wo];
-        let op = FusedConv { epi: Epilogue { accumulate: false, ..pw.epi }, ..*pw };
+    let out = cpu_f32(&x, |src| -> Result<()> {
+        let op = FusedConv { epi: Epilogue { accumulate, ..pw.epi }, ..*pw };
         let s = Planes { ptr: SendConst(src.as_ptr()), img_stride: c * h * w };
         let d = Planes { ptr: SendMut(dst.as_mut_ptr()), img_stride: g.c_out * ho * wo };
         // SAFETY: `src` is `[n, c, h, w]`, `dst` `[n, c_out, ho, wo]`, distinct buffers.
-        unsafe { conv_raw(&op, Extent { n, h: ho, w: wo }, s, d, Some((stage, (h, w))))? };
-        Ok(dst)
+        unsafe { conv_raw(&op, Extent { n, h: ho, w: wo }, s, d, Some((stage, (h, w)))) }
     });
     match out {
-        Some(v) => Ok(Some(Tensor::from_vec(v?, (n, g.c_out, ho, wo), &Device::Cpu)?)),
+        Some(r) => {
+            r?;
+            Ok(Some(Tensor::from_vec(dst, (n, g.c_out, ho, wo), &Device::Cpu)?))
+        }
         None => Ok(None),
     }
 }
@@ -791,7 +814,7 @@ mod tests {
                     pre: None,
                     epi: Epilogue { bias: Some(&bpv), relu: pw_relu, accumulate: false },
                 };
-                let ours = separable_tensor(&stage, &pw, &x).unwrap().unwrap();
+                let ours = separable_tensor(&stage, &pw, &x, None).unwrap().unwrap();
                 let f64 = |t: &Tensor| t.to_dtype(DType::F64).unwrap();
                 let mut mid = f64(&x)
                     .conv2d(&f64(&wd), p, s, 1, c)
@@ -809,8 +832,21 @@ mod tests {
                 if pw_relu {
                     want = want.relu().unwrap();
                 }
-                let d = max_diff(&ours, &want.to_dtype(DType::F32).unwrap());
+                let want = want.to_dtype(DType::F32).unwrap();
+                let d = max_diff(&ours, &want);
                 assert!(d < 1e-4, "case {case} relu {dw_relu}/{pw_relu}: max diff {d}");
+                if dw_relu && !pw_relu {
+                    // Onto a residual, with the ReLU after the sum.
+                    let base = randn(want.dims(), seed + 6);
+                    let op = FusedConv { epi: Epilogue { relu: true, ..pw.epi }, ..pw };
+                    let ours = separable_tensor(&stage, &op, &x, Some(&base)).unwrap().unwrap();
+                    let d = max_diff(&ours, &(&want + &base).unwrap().relu().unwrap());
+                    assert!(d < 1e-4, "case {case} onto a residual: max diff {d}");
+                    assert!(
+                        separable_tensor(&stage, &pw, &x, Some(&x)).unwrap().is_none(),
+                        "a base of another shape"
+                    );
+                }
             }
         }
         let g = ConvGeom::square(4, 4, 3, 1, 1);
@@ -821,7 +857,7 @@ mod tests {
             pre: None,
             epi: Epilogue::default(),
         };
-        let e = separable_tensor(&stage, &pw, &randn(&[1, 4, 5, 5], 1)).unwrap_err().to_string();
+        let e = separable_tensor(&stage, &pw, &randn(&[1, 4, 5, 5], 1), None).unwrap_err().to_string();
         assert!(e.contains("do not fit"), "{e}");
     }
 

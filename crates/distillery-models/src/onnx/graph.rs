@@ -107,8 +107,9 @@ impl OnnxGraph {
     /// Plans for speed: the constant weights of every convolution are flattened on the host once;
     /// a `Relu` whose input nothing else reads is folded into the `Conv` or `Add` producing it
     /// (one pass over the data instead of two, one tensor fewer); then a depthwise `Conv` whose
-    /// output only a 1×1 `Conv` reads is folded into it (its output is never stored). The
-    /// unfused plan is kept for runs that ask for a value fusion removed.
+    /// output only a 1×1 `Conv` reads is folded into it (its output is never stored); then an
+    /// `Add` is folded into the convolution producing one of its operands. The unfused plan is
+    /// kept for runs that ask for a value fusion removed.
     fn fuse(&mut self) -> Result<(), OnnxError> {
         for st in &mut self.steps {
             let Op::Conv(_, extras) = &mut st.op else { continue };
@@ -127,7 +128,8 @@ impl OnnxGraph {
         let before = (self.steps.clone(), self.producer.clone());
         let relus = self.fold_relus();
         let separables = self.fold_separables();
-        if relus + separables > 0 {
+        let adds = self.fold_adds();
+        if relus + separables + adds > 0 {
             self.exact = Some(before);
         }
         Ok(())
@@ -209,6 +211,63 @@ impl OnnxGraph {
             st.inputs[0] = dw_input;
             st.op_type = format!("{dw_type}>{}", st.op_type);
             removed[p] = true;
+        }
+        self.drop_steps(&removed)
+    }
+
+    /// Folds each `Add` (or `Add+Relu`) into the convolution producing one of its operands, when
+    /// only the `Add` reads that output, the convolution has no ReLU of its own, and the other
+    /// operand is ready before the convolution runs: the convolution then writes onto a copy of
+    /// the other operand (no separate pass, no extra tensor). Returns how many.
+    fn fold_adds(&mut self) -> usize {
+        let single = self.single_reader_slots();
+        let mut removed = vec![false; self.steps.len()];
+        for i in 0..self.steps.len() {
+            let relu = match self.steps[i].op {
+                Op::Binary(BinOp::Add) => false,
+                Op::AddRelu => true,
+                _ => continue,
+            };
+            let (Some(Some(a)), Some(Some(b))) =
+                (self.steps[i].inputs.first().copied(), self.steps[i].inputs.get(1).copied())
+            else {
+                continue;
+            };
+            // The later producer first: the other operand is then more likely computed already.
+            let mut candidates = [(a, b), (b, a)];
+            candidates.sort_by_key(|&(conv_out, _)| std::cmp::Reverse(self.producer[conv_out]));
+            for (conv_out, other) in candidates {
+                let Some(p) = self.producer[conv_out] else { continue };
+                let ready = self.producer[other].is_none_or(|q| q < p);
+                let st = &self.steps[p];
+                let fusable = match &st.op {
+                    Op::Conv(_, extras) => !extras.relu,
+                    Op::Separable(sep) => !sep.relu(),
+                    _ => false,
+                };
+                if !fusable
+                    || !ready
+                    || !single[conv_out]
+                    || removed[p]
+                    || st.outputs.len() != 1
+                    || st.inputs.len() > 3
+                {
+                    continue;
+                }
+                let outputs = self.steps[i].outputs.clone();
+                let st = &mut self.steps[p];
+                match &mut st.op {
+                    Op::Conv(_, extras) => extras.relu = relu,
+                    Op::Separable(sep) if relu => sep.set_relu(),
+                    _ => {}
+                }
+                st.inputs.resize(3, None);
+                st.inputs.push(Some(other));
+                st.op_type.push_str(if relu { "+Add+Relu" } else { "+Add" });
+                st.outputs = outputs;
+                removed[i] = true;
+                break;
+            }
         }
         self.drop_steps(&removed)
     }

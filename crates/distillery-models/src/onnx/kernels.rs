@@ -235,16 +235,22 @@ pub(crate) fn pad_axis(
     Tensor::cat(&parts, axis)
 }
 
-/// ONNX `Conv` for 1-D and 2-D inputs (`[N, C, L]` or `[N, C, H, W]`), followed by a ReLU when
-/// `extras.relu`.
+/// ONNX `Conv` for 1-D and 2-D inputs (`[N, C, L]` or `[N, C, H, W]`), plus `residual` when
+/// given (an `Add` fused into it), followed by a ReLU when `extras.relu`.
 pub(crate) fn conv(
     x: &Tensor,
     w: &Tensor,
     b: Option<&Tensor>,
+    residual: Option<&Tensor>,
     c: &ConvAttrs,
     extras: &ConvExtras,
 ) -> Result<Tensor> {
     match x.rank() {
+        3 if residual.is_some_and(|r| r.rank() > 3) => {
+            // A residual that broadcasts the output to a higher rank: added afterwards.
+            let y = conv(x, w, b, None, c, &ConvExtras { relu: false, ..extras.clone() })?;
+            add_residual(y, residual, extras.relu)
+        }
         3 => {
             // A 1-D convolution is a 2-D one over a height-1 image.
             let lift =
@@ -257,14 +263,25 @@ pub(crate) fn conv(
                 ..c.clone()
             };
             // The flattened host weights keep their order with the added axis.
-            conv(&x.unsqueeze(2)?, &w.unsqueeze(2)?, b, &c2, extras)?.squeeze(2)
+            // A residual gets the same height-1 axis (its trailing axes align with the output's).
+            let residual = residual
+                .map(|r| if r.rank() == 0 { Ok(r.clone()) } else { r.unsqueeze(r.rank() - 1) })
+                .transpose()?;
+            conv(&x.unsqueeze(2)?, &w.unsqueeze(2)?, b, residual.as_ref(), &c2, extras)?.squeeze(2)
         }
-        4 => conv2d(x, w, b, c, extras),
+        4 => conv2d(x, w, b, residual, c, extras),
         r => bail!("only 1-D and 2-D convolutions are supported, input has rank {r}"),
     }
 }
 
-fn conv2d(x: &Tensor, w: &Tensor, b: Option<&Tensor>, c: &ConvAttrs, extras: &ConvExtras) -> Result<Tensor> {
+fn conv2d(
+    x: &Tensor,
+    w: &Tensor,
+    b: Option<&Tensor>,
+    residual: Option<&Tensor>,
+    c: &ConvAttrs,
+    extras: &ConvExtras,
+) -> Result<Tensor> {
     let (n, c_in, h, wd) = x.dims4()?;
     let (c_out, c_in_g, kh, kw) = w.dims4()?;
     if let Some(k) = &c.kernel_shape
@@ -293,15 +310,25 @@ fn conv2d(x: &Tensor, w: &Tensor, b: Option<&Tensor>, c: &ConvAttrs, extras: &Co
             made.as_ref()
         }
     };
+    // The residual is added before the ReLU: a kernel that cannot take it leaves both to the end.
+    let mut pending = residual;
+    let relu_now = relu && residual.is_none();
     let fast = match host {
         Some(hc) if depthwise => {
             let x = x.contiguous()?;
-            let dw = Depthwise { host: hc, c_out, y: ay, x: ax, out: (oh, ow), relu };
+            let dw = Depthwise { host: hc, c_out, y: ay, x: ax, out: (oh, ow), relu: relu_now };
             fastconv::cpu_f32(&x, |src| dw.run(src, n, c_in, h, wd))
                 .map(|v| Tensor::from_vec(v, (n, c_out, oh, ow), x.device()))
                 .transpose()?
         }
-        Some(hc) => fast_conv2d(x, hc, (c_out, c_in, kh, kw), ay, ax, relu)?,
+        Some(hc) => match fast_conv2d(x, hc, (c_out, c_in, kh, kw), ay, ax, relu, residual)? {
+            Some(y) => {
+                pending = None;
+                Some(y)
+            }
+            None if residual.is_some() => fast_conv2d(x, hc, (c_out, c_in, kh, kw), ay, ax, relu_now, None)?,
+            None => None,
+        },
         None => None,
     };
     let y = match fast {
@@ -323,15 +350,27 @@ fn conv2d(x: &Tensor, w: &Tensor, b: Option<&Tensor>, c: &ConvAttrs, extras: &Co
                 Some(b) => y.broadcast_add(&b.reshape((1, c_out, 1, 1))?)?,
                 None => y,
             };
-            if relu { y.relu()? } else { y }
+            if relu_now { y.relu()? } else { y }
         }
     };
     cost::record(cost::conv2d_macs(y.dims(), c_in_g, kh, kw));
-    Ok(y)
+    add_residual(y, pending, relu)
+}
+
+/// `y + residual` (broadcasting) and then the ReLU, for paths that could not fuse them.
+fn add_residual(y: Tensor, residual: Option<&Tensor>, relu: bool) -> Result<Tensor> {
+    match residual {
+        Some(r) => {
+            let y = y.broadcast_add(r)?;
+            if relu { y.relu() } else { Ok(y) }
+        }
+        None => Ok(y),
+    }
 }
 
 /// A dense (one group, no dilation) convolution of a CPU f32 input through [`fastconv`], with
-/// the bias and ReLU fused; `None` where the input is not a CPU f32 tensor.
+/// the bias, the `residual` and the ReLU fused; `None` where the input (or the residual) is not a
+/// CPU f32 tensor (of the output's shape).
 fn fast_conv2d(
     x: &Tensor,
     host: &HostConv,
@@ -339,6 +378,7 @@ fn fast_conv2d(
     ay: Axis,
     ax: Axis,
     relu: bool,
+    residual: Option<&Tensor>,
 ) -> Result<Option<Tensor>> {
     // Symmetric padding per axis is part of the geometry; otherwise pad explicitly first.
     let (xp, pad_h, pad_w) = if ay.pad_begin == ay.pad_end && ax.pad_begin == ax.pad_end {
@@ -349,7 +389,7 @@ fn fast_conv2d(
     };
     let geom = ConvGeom { c_in, c_out, kh, kw, stride_h: ay.stride, stride_w: ax.stride, pad_h, pad_w };
     let epi = Epilogue { bias: host.bias.as_deref(), relu, accumulate: false };
-    fastconv::conv2d_tensor(&FusedConv { geom, weight: &host.weight, pre: None, epi }, &xp)
+    fastconv::conv2d_tensor_onto(&FusedConv { geom, weight: &host.weight, pre: None, epi }, &xp, residual)
 }
 
 /// A depthwise convolution fused with the 1×1 convolution that was its only reader (planned by
@@ -366,6 +406,16 @@ pub(crate) struct Separable {
 }
 
 impl Separable {
+    /// Whether a ReLU follows the pointwise convolution.
+    pub(crate) fn relu(&self) -> bool {
+        self.pw_extras.relu
+    }
+
+    /// Fuses a ReLU after the pointwise convolution (and after a fused residual).
+    pub(crate) fn set_relu(&mut self) {
+        self.pw_extras.relu = true;
+    }
+
     /// The pair when the first is a depthwise convolution (one input channel per group, one
     /// output per channel) and the second a single-group 1×1 convolution, both with host weights.
     pub(crate) fn try_new(
@@ -386,19 +436,31 @@ impl Separable {
     }
 }
 
-/// The fused pair on input `x`, with the pointwise weights `w` and bias `b` (the node's inputs).
-pub(crate) fn separable(x: &Tensor, w: &Tensor, b: Option<&Tensor>, s: &Separable) -> Result<Tensor> {
-    if let Some(y) = separable_fast(x, w, s)? {
+/// The fused pair on input `x`, with the pointwise weights `w` and bias `b` (the node's inputs),
+/// plus `residual` (a fused `Add`) before the pointwise ReLU.
+pub(crate) fn separable(
+    x: &Tensor,
+    w: &Tensor,
+    b: Option<&Tensor>,
+    residual: Option<&Tensor>,
+    s: &Separable,
+) -> Result<Tensor> {
+    if let Some(y) = separable_fast(x, w, residual, s)? {
         return Ok(y);
     }
-    let mid = conv(x, &s.dw_w, s.dw_b.as_ref(), &s.dw, &s.dw_extras)?;
-    conv(&mid, w, b, &s.pw, &s.pw_extras)
+    let mid = conv(x, &s.dw_w, s.dw_b.as_ref(), None, &s.dw, &s.dw_extras)?;
+    conv(&mid, w, b, residual, &s.pw, &s.pw_extras)
 }
 
 /// The one-pass path; `None` where it does not apply (other devices or dtypes, dilation,
 /// asymmetric padding, a strided or padded pointwise convolution): the caller runs the two
 /// convolutions one after the other.
-fn separable_fast(x: &Tensor, w: &Tensor, s: &Separable) -> Result<Option<Tensor>> {
+fn separable_fast(
+    x: &Tensor,
+    w: &Tensor,
+    residual: Option<&Tensor>,
+    s: &Separable,
+) -> Result<Option<Tensor>> {
     let (Some(dh), Some(ph)) = (&s.dw_extras.host, &s.pw_extras.host) else { return Ok(None) };
     if x.rank() != 4 || !x.device().is_cpu() || x.dtype() != DType::F32 {
         return Ok(None);
@@ -446,7 +508,7 @@ fn separable_fast(x: &Tensor, w: &Tensor, s: &Separable) -> Result<Option<Tensor
         pre: None,
         epi: Epilogue { bias: ph.bias.as_deref(), relu: s.pw_extras.relu, accumulate: false },
     };
-    let y = fastconv::separable_tensor(&stage, &pw, x)?;
+    let y = fastconv::separable_tensor(&stage, &pw, x, residual)?;
     if let Some(y) = &y {
         cost::record(cost::conv2d_macs(&[n, c, oh, ow], 1, kh, kw));
         cost::record(cost::conv2d_macs(y.dims(), c, 1, 1));

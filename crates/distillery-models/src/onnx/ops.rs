@@ -270,8 +270,9 @@ impl Op {
         let y = match self {
             Op::Identity => req(0)?.clone(),
             Op::Constant(t) => t.clone(),
-            Op::Conv(c, extras) => kernels::conv(req(0)?, req(1)?, opt(2), c, extras)?,
-            Op::Separable(s) => kernels::separable(req(0)?, req(1)?, opt(2), s)?,
+            // Input 3 exists only when planning fused an `Add` into the convolution.
+            Op::Conv(c, extras) => kernels::conv(req(0)?, req(1)?, opt(2), opt(3), c, extras)?,
+            Op::Separable(s) => kernels::separable(req(0)?, req(1)?, opt(2), opt(3), s)?,
             Op::BatchNorm { eps } => batch_norm(req(0)?, req(1)?, req(2)?, req(3)?, req(4)?, *eps)?,
             Op::Unary(u) => {
                 let x = req(0)?;
