@@ -153,22 +153,31 @@ impl OnnxGraph {
     /// Folds each `Relu` into the `Conv` or `Add` whose output only it reads; returns how many.
     fn fold_relus(&mut self) -> usize {
         let single = self.single_reader_slots();
+        // (Relu step, producer step) pairs; a producer has one reader, so it appears once.
+        let pairs: Vec<(usize, usize)> = self
+            .steps
+            .iter()
+            .enumerate()
+            .filter(|(_, st)| matches!(st.op, Op::Unary(UnaryOp::Relu)))
+            .filter_map(|(i, st)| {
+                let s = st.inputs.first().copied().flatten()?;
+                let p = self.producer[s]?;
+                let producer = &self.steps[p];
+                let fusable = match &producer.op {
+                    Op::Conv(_, extras) => !extras.relu,
+                    Op::Binary(BinOp::Add) => true,
+                    _ => false,
+                };
+                (fusable && single[s] && producer.outputs.len() == 1).then_some((i, p))
+            })
+            .collect();
         let mut removed = vec![false; self.steps.len()];
-        for i in 0..self.steps.len() {
-            if !matches!(self.steps[i].op, Op::Unary(UnaryOp::Relu)) {
-                continue;
-            }
-            let Some(Some(s)) = self.steps[i].inputs.first().copied() else { continue };
-            let Some(p) = self.producer[s] else { continue };
-            if !single[s] || self.steps[p].outputs.len() != 1 {
-                continue;
-            }
+        for (i, p) in pairs {
             let outputs = self.steps[i].outputs.clone();
             let producer = &mut self.steps[p];
             match &mut producer.op {
-                Op::Conv(_, extras) if !extras.relu => extras.relu = true,
-                Op::Binary(BinOp::Add) => producer.op = Op::AddRelu,
-                _ => continue,
+                Op::Conv(_, extras) => extras.relu = true,
+                op => *op = Op::AddRelu,
             }
             producer.op_type.push_str("+Relu");
             producer.outputs = outputs;
