@@ -17,18 +17,7 @@ use distillery_local::{ExperimentOptions, distillation_experiment};
 static GLOBAL: distillery_models::alloc::Allocator = distillery_models::alloc::Allocator;
 
 fn parse() -> Result<ExperimentOptions, String> {
-    let mut o = ExperimentOptions {
-        dir: std::env::temp_dir().join("distillery-experiment"),
-        faces: 4000,
-        side: 48,
-        teacher_steps: 300,
-        student_steps: 400,
-        labelled_fraction: 0.1,
-        views: 1,
-        workers: 2,
-        seed: 0,
-        student_seeds: vec![11, 12, 13, 14, 15],
-    };
+    let mut o = ExperimentOptions::quality_bar(std::env::temp_dir().join("distillery-experiment"));
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
         let value = args.next().ok_or_else(|| format!("{flag} needs a value"))?;

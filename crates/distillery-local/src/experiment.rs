@@ -40,6 +40,26 @@ pub struct ExperimentOptions {
     pub student_seeds: Vec<u64>,
 }
 
+impl ExperimentOptions {
+    /// The sizes of the quality bar (`tests/quality.rs`): 4,000 faces at 48², teacher and
+    /// students 300 and 400 steps, 10 % of the labels, one augmented view, two workers, five
+    /// student seeds; a few minutes on two cores.
+    pub fn quality_bar(dir: PathBuf) -> Self {
+        Self {
+            dir,
+            faces: 4000,
+            side: 48,
+            teacher_steps: 300,
+            student_steps: 400,
+            labelled_fraction: 0.1,
+            views: 1,
+            workers: 2,
+            seed: 0,
+            student_seeds: vec![11, 12, 13, 14, 15],
+        }
+    }
+}
+
 /// Scores of one model on the test split.
 #[derive(Clone, Debug, Serialize)]
 pub struct Scores {

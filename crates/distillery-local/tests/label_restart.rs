@@ -7,64 +7,21 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use distillery_coordinator::model::{LeaseOutcome, WorkerInfo};
 use distillery_coordinator::{
     Backends, CoordinatorConfig, MemoryBackend, RunningCoordinator, SystemClock, spawn_with,
 };
-use distillery_core::TeacherFingerprint;
-use distillery_local::{Error, JobProgress, LabelRequest, Reconnect, submit_and_wait, submit_and_wait_with};
+use distillery_local::{Error, Reconnect, submit_and_wait, submit_and_wait_with};
 use distillery_proto::transport::Target;
 use distillery_proto::v1;
-use distillery_teacher::TeacherSpec;
 use tokio::sync::mpsc;
 
-const FACES: &str = "mem://faces";
-const CACHE: &str = "mem://cache";
-/// Guard against a hung test; never reached when things work.
-const GUARD: Duration = Duration::from_secs(120);
+mod common;
+use common::*;
 
 async fn start(dir: &std::path::Path, listen: SocketAddr, b: &Arc<MemoryBackend>) -> RunningCoordinator {
     let mut cfg = CoordinatorConfig::new(dir);
     cfg.listen = listen;
     spawn_with(cfg, Backends::from_shared(b.clone()), Arc::new(SystemClock)).await.unwrap()
-}
-
-fn request() -> LabelRequest {
-    LabelRequest {
-        faces_uri: FACES.into(),
-        cache_uri: CACHE.into(),
-        teacher: TeacherSpec::Emonet { classes: 8, weights: Some("/models/emonet_8.pth".into()) },
-        views: 0,
-        shard_size: 4,
-        view_seed: 0,
-        storage_options: Default::default(),
-    }
-}
-
-/// Plays a worker directly on the coordinator: leases and commits every pending shard.
-async fn label_everything(c: &RunningCoordinator) -> u32 {
-    let core = &c.coordinator;
-    let reg = core
-        .register_worker(WorkerInfo {
-            worker_id: "w1".into(),
-            address: String::new(),
-            teacher_name: "emonet-8".into(),
-            teacher_fingerprint: Some(TeacherFingerprint::parse(&"a".repeat(32)).unwrap()),
-            device: "cpu".into(),
-            max_batch: 8,
-        })
-        .unwrap();
-    let mut n = 0;
-    while let LeaseOutcome::Granted(l) = core.lease_shard("w1", &reg.session).unwrap() {
-        let staged = format!("{{\"shard_key\":\"{}\",\"fragments\":[]}}", l.shard_key);
-        core.complete_shard("w1", &l.lease_id, staged.as_bytes(), l.range.len, 0).await.unwrap();
-        n += 1;
-    }
-    n
-}
-
-async fn next(rx: &mut mpsc::UnboundedReceiver<JobProgress>) -> JobProgress {
-    tokio::time::timeout(GUARD, rx.recv()).await.expect("no progress").expect("client gone")
 }
 
 #[tokio::test]

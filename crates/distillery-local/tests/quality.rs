@@ -17,18 +17,7 @@ static GLOBAL: distillery_models::alloc::Allocator = distillery_models::alloc::A
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn distilled_students_beat_the_baseline_and_approach_the_teacher() {
     let tmp = tempfile::tempdir().unwrap();
-    let opts = ExperimentOptions {
-        dir: tmp.path().to_path_buf(),
-        faces: 4000,
-        side: 48,
-        teacher_steps: 300,
-        student_steps: 400,
-        labelled_fraction: 0.1,
-        views: 1,
-        workers: 2,
-        seed: 0,
-        student_seeds: vec![11, 12, 13, 14, 15],
-    };
+    let opts = ExperimentOptions::quality_bar(tmp.path().to_path_buf());
     let r = distillation_experiment(&opts).await.unwrap();
     println!("{}", serde_json::to_string_pretty(&r).unwrap());
     println!(

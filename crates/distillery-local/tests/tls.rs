@@ -6,23 +6,17 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
 
-use distillery_coordinator::model::{LeaseOutcome, WorkerInfo};
 use distillery_coordinator::{
     Backends, CoordinatorConfig, MemoryBackend, RunningCoordinator, SystemClock, TlsPaths, spawn_with,
 };
-use distillery_core::TeacherFingerprint;
-use distillery_local::{Error, JobProgress, LabelRequest, submit_and_wait};
+use distillery_local::{Error, submit_and_wait};
 use distillery_proto::transport::Target;
 use distillery_proto::v1;
-use distillery_teacher::TeacherSpec;
 use tokio::sync::mpsc;
 
-const FACES: &str = "mem://faces";
-const CACHE: &str = "mem://cache";
-/// Guard against a hung test; never reached when things work.
-const GUARD: Duration = Duration::from_secs(120);
+mod common;
+use common::*;
 
 fn fixture(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/tls").join(name)
@@ -38,44 +32,6 @@ async fn tls_coordinator(dir: &std::path::Path, b: &Arc<MemoryBackend>) -> Runni
 /// `https://localhost:PORT` of `c`, trusting the CA `ca` (a fixture name) when given.
 fn target(c: &RunningCoordinator, ca: Option<&str>) -> Target {
     Target::new(format!("https://localhost:{}", c.addr.port())).with_tls_ca(ca.map(fixture))
-}
-
-fn request() -> LabelRequest {
-    LabelRequest {
-        faces_uri: FACES.into(),
-        cache_uri: CACHE.into(),
-        teacher: TeacherSpec::Emonet { classes: 8, weights: Some("/models/emonet_8.pth".into()) },
-        views: 0,
-        shard_size: 4,
-        view_seed: 0,
-        storage_options: Default::default(),
-    }
-}
-
-/// Plays a worker directly on the coordinator: leases and commits every pending shard.
-async fn label_everything(c: &RunningCoordinator) -> u32 {
-    let core = &c.coordinator;
-    let reg = core
-        .register_worker(WorkerInfo {
-            worker_id: "w1".into(),
-            address: String::new(),
-            teacher_name: "emonet-8".into(),
-            teacher_fingerprint: Some(TeacherFingerprint::parse(&"a".repeat(32)).unwrap()),
-            device: "cpu".into(),
-            max_batch: 8,
-        })
-        .unwrap();
-    let mut n = 0;
-    while let LeaseOutcome::Granted(l) = core.lease_shard("w1", &reg.session).unwrap() {
-        let staged = format!("{{\"shard_key\":\"{}\",\"fragments\":[]}}", l.shard_key);
-        core.complete_shard("w1", &l.lease_id, staged.as_bytes(), l.range.len, 0).await.unwrap();
-        n += 1;
-    }
-    n
-}
-
-async fn next(rx: &mut mpsc::UnboundedReceiver<JobProgress>) -> JobProgress {
-    tokio::time::timeout(GUARD, rx.recv()).await.expect("no progress").expect("client gone")
 }
 
 #[tokio::test]
