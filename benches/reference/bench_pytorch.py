@@ -8,6 +8,11 @@ Workloads (each printed as one JSON line, the same names as `./dev bench` prints
                       at 112x112 batch 32 and 224x224 batch 16, after warm-up steps
   faceapi_onnx        the face-api expression teacher in onnxruntime, images/s at batch 1 and 32
 
+Device: $DEVICE (default cpu; `cuda` on a GPU machine, as benches/gpu.sh runs it). Sizes follow
+the Rust benches' variables: EMONET_BENCH_BATCHES (default 1,8), STUDENT_BENCH_SHAPES (default
+112x32,224x16), EMONET_BENCH_ITERS, STUDENT_BENCH_STEPS; EMONET_BENCH_DTYPE=bf16 (or f16) runs
+EmoNet in half precision. BENCHES (default all three, comma-separated) picks workloads.
+
 Threads: torch.set_num_threads and onnxruntime's intra-op threads are set to $THREADS (default:
 the CPU count), which `./dev bench` matches with RAYON_NUM_THREADS. Run by hand where PyTorch is
 installed; never part of the tests:
@@ -29,12 +34,28 @@ import torch
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 THREADS = int(os.environ.get("THREADS", os.cpu_count() or 1))
 torch.set_num_threads(THREADS)
+DEVICE = torch.device(os.environ.get("DEVICE", "cpu"))
+
+
+def sync():
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
 
 
 def emit(**row):
     row["threads"] = THREADS
+    row["device"] = torch.cuda.get_device_name(DEVICE) if DEVICE.type == "cuda" else "cpu"
     row["runtime"] = row.get("runtime", f"pytorch {torch.__version__}")
     print(json.dumps(row), flush=True)
+
+
+def emonet_batches():
+    return [int(b) for b in os.environ.get("EMONET_BENCH_BATCHES", "1,8").split(",")]
+
+
+def student_shapes():
+    shapes = os.environ.get("STUDENT_BENCH_SHAPES", "112x32,224x16").split(",")
+    return [tuple(int(v) for v in s.strip().split("x")) for s in shapes]
 
 
 def load_emonet_module():
@@ -47,26 +68,30 @@ def load_emonet_module():
 
 def emonet_forward(iters):
     mod = load_emonet_module()
-    model = mod.EmoNet(n_expression=8).eval()
-    for batch in (1, 8):
-        x = torch.rand(batch, 3, 256, 256)
+    dtype = {"bf16": torch.bfloat16, "f16": torch.float16}.get(os.environ.get("EMONET_BENCH_DTYPE"), torch.float32)
+    model = mod.EmoNet(n_expression=8).eval().to(DEVICE, dtype)
+    for batch in emonet_batches():
+        x = torch.rand(batch, 3, 256, 256, device=DEVICE, dtype=dtype)
         with torch.inference_mode():
             model(x)  # warm-up
+            sync()
             t0 = time.perf_counter()
             for _ in range(iters):
                 model(x)
+            sync()
             secs = time.perf_counter() - t0
-        emit(bench="emonet_forward", batch=batch, images_per_s=batch * iters / secs)
+        emit(bench="emonet_forward", batch=batch, dtype=str(dtype).removeprefix("torch."),
+             images_per_s=batch * iters / secs)
 
 
 def mobilenetv2_train(steps):
     import torchvision
 
-    for side, batch in ((112, 32), (224, 16)):
-        model = torchvision.models.mobilenet_v2(num_classes=10).train()
+    for side, batch in student_shapes():
+        model = torchvision.models.mobilenet_v2(num_classes=10).train().to(DEVICE)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-        x = torch.rand(batch, 3, side, side)
-        y = torch.arange(batch) % 8
+        x = torch.rand(batch, 3, side, side, device=DEVICE)
+        y = torch.arange(batch, device=DEVICE) % 8
 
         def step():
             opt.zero_grad(set_to_none=True)
@@ -76,9 +101,11 @@ def mobilenetv2_train(steps):
 
         for _ in range(2):
             step()
+        sync()
         t0 = time.perf_counter()
         for _ in range(steps):
             step()
+        sync()
         secs = time.perf_counter() - t0
         emit(bench="mobilenetv2_train", side=side, batch=batch, images_per_s=batch * steps / secs)
 
@@ -89,14 +116,19 @@ def faceapi_onnx():
     except ImportError:
         print("SKIPPED faceapi_onnx: onnxruntime is not installed", file=sys.stderr)
         return
-    model = ROOT.parent / "shared/reference/teachers/faceapi_expression.onnx"
+    reference = pathlib.Path(os.environ.get("DISTILLERY_REFERENCE", ROOT.parent / "shared/reference"))
+    model = reference / "teachers/faceapi_expression.onnx"
     if not model.is_file():
         print(f"SKIPPED faceapi_onnx: {model} not found", file=sys.stderr)
+        return
+    provider = "CUDAExecutionProvider" if DEVICE.type == "cuda" else "CPUExecutionProvider"
+    if provider not in ort.get_available_providers():
+        print(f"SKIPPED faceapi_onnx: onnxruntime has no {provider}", file=sys.stderr)
         return
     so = ort.SessionOptions()
     so.intra_op_num_threads = THREADS
     so.inter_op_num_threads = 1
-    sess = ort.InferenceSession(str(model), so, providers=["CPUExecutionProvider"])
+    sess = ort.InferenceSession(str(model), so, providers=[provider])
     inp = sess.get_inputs()[0]
     for batch in (1, 32):
         shape = [batch if not isinstance(d, int) else d for d in inp.shape]
@@ -109,10 +141,14 @@ def faceapi_onnx():
             sess.run(None, {inp.name: x})
         secs = time.perf_counter() - t0
         emit(bench="faceapi_onnx", batch=batch, images_per_s=batch * iters / secs,
-             runtime=f"onnxruntime {ort.__version__}")
+             runtime=f"onnxruntime {ort.__version__} ({provider})")
 
 
 if __name__ == "__main__":
-    emonet_forward(int(os.environ.get("EMONET_BENCH_ITERS", 3)))
-    mobilenetv2_train(int(os.environ.get("STUDENT_BENCH_STEPS", 5)))
-    faceapi_onnx()
+    chosen = os.environ.get("BENCHES", "emonet_forward,mobilenetv2_train,faceapi_onnx").split(",")
+    if "emonet_forward" in chosen:
+        emonet_forward(int(os.environ.get("EMONET_BENCH_ITERS", 3)))
+    if "mobilenetv2_train" in chosen:
+        mobilenetv2_train(int(os.environ.get("STUDENT_BENCH_STEPS", 5)))
+    if "faceapi_onnx" in chosen:
+        faceapi_onnx()

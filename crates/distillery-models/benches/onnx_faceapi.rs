@@ -1,5 +1,6 @@
-//! Throughput of the face-api ONNX teacher on CPU at batch 1 and 32 (images/s), and the time per
-//! op type of the raw graph (where an optimisation would pay).
+//! Throughput of the face-api ONNX teacher at batch 1 and 32 (images/s), and the time per op type
+//! of the raw graph (where an optimisation would pay). `DISTILLERY_DEVICE=cuda` runs it on a GPU
+//! (a `cuda` build; see `benches/gpu.sh`).
 //!
 //! `./dev bench --bench onnx_faceapi` (needs `../shared/reference`).
 
@@ -21,19 +22,40 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let Some(reference) = distillery_core::reference::require("onnx_faceapi bench") else {
         return Ok(());
     };
-    let cfg_path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs/teachers/faceapi.toml");
+    // `$DISTILLERY_SOURCE` (the checkout) when the binary runs away from where it was built.
+    let root = std::env::var_os("DISTILLERY_SOURCE")
+        .map_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../.."), std::path::PathBuf::from);
+    let cfg_path = root.join("configs/teachers/faceapi.toml");
     let mut cfg = OnnxTeacherConfig::from_file(&cfg_path)?;
     cfg.model = reference.join("teachers/faceapi_expression.onnx");
-    let t = OnnxTeacher::from_config(cfg, cfg_path.parent().unwrap(), &Device::Cpu)?;
-    println!("faceapi teacher: {} nodes per batch after folding", t.graph().num_steps());
+    let (device_name, device) = distillery_models::device::from_env()?;
+    let t = OnnxTeacher::from_config(cfg.clone(), cfg_path.parent().unwrap(), &device)?;
+    if !device.is_cpu() {
+        // The device's probabilities for two random images against the CPU's.
+        let cpu = OnnxTeacher::from_config(cfg, cfg_path.parent().unwrap(), &Device::Cpu)?;
+        let x = Tensor::rand(0f32, 255.0, (2, 3, 112, 112), &Device::Cpu)?;
+        let want = cpu.forward(&x)?.logits;
+        let got = t.forward(&x.to_device(&device)?)?.logits.to_device(&Device::Cpu)?;
+        let scale = want.abs()?.max_all()?.to_scalar::<f32>()?.max(1e-6);
+        let diff = (want - got)?.abs()?.max_all()?.to_scalar::<f32>()? / scale;
+        println!("parity with the CPU (batch 2): logits max rel diff {diff:.2e}");
+        // TF32 (on request, and cuDNN's default for convolutions) keeps 10 bits of mantissa.
+        let tf32 = candle_core::cuda::gemm_reduced_precision_f32() || cfg!(feature = "cudnn");
+        if diff > if tf32 { 1e-2 } else { 1e-3 } {
+            return Err(format!("{device_name} disagrees with the CPU: {diff:.2e}").into());
+        }
+    }
+    println!("faceapi teacher on {device_name}: {} nodes per batch after folding", t.graph().num_steps());
     for batch in [1usize, 32] {
-        let x = (Tensor::rand(0f32, 255.0, (batch, 3, 112, 112), &Device::Cpu)?).to_dtype(DType::F32)?;
+        let x = (Tensor::rand(0f32, 255.0, (batch, 3, 112, 112), &device)?).to_dtype(DType::F32)?;
         t.forward(&x)?; // warm-up
+        device.synchronize()?;
         let iters = if batch == 1 { 50 } else { 5 };
         let start = Instant::now();
         for _ in 0..iters {
             t.forward(&x)?;
         }
+        device.synchronize()?;
         let secs = start.elapsed().as_secs_f64();
         println!(
             "batch {batch:>2}: {:>8.1} images/s ({:.2} ms/batch)",

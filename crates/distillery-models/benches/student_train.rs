@@ -1,22 +1,31 @@
-//! CPU training throughput of MobileNetV2 1.0×: forward, backward and an AdamW step per batch.
+//! Training throughput of MobileNetV2 1.0×: forward, backward and an AdamW step per batch.
 //!
 //! `./dev bench --bench student_train` prints images/s at 112² (batch 32)
-//! and 224² (batch 16) after warm-up steps. `STUDENT_BENCH_STEPS` sets the timed steps (default 5).
+//! and 224² (batch 16) after warm-up steps. `STUDENT_BENCH_STEPS` sets the timed steps (default 5),
+//! `STUDENT_BENCH_SHAPES` other sizes (`side×batch,…`, e.g. `112x32,224x16,224x128`) and
+//! `DISTILLERY_DEVICE=cuda` a GPU (a `cuda` build; see `benches/gpu.sh`).
 #![allow(clippy::print_stdout)] // a bench binary reports on stdout
 
 /// The allocator the `distillery` binary uses, so the numbers match what users run.
 #[global_allocator]
 static GLOBAL: distillery_models::alloc::Allocator = distillery_models::alloc::Allocator;
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarBuilder, VarMap};
 use distillery_models::losses::kd_loss;
 use distillery_models::student::{StudentArch, StudentSpec, build_student, trainable_vars};
 
-fn bench(side: usize, batch: usize, steps: usize) -> candle_core::Result<()> {
-    let dev = Device::Cpu;
+/// Adds the time since `start` to `total` and returns now.
+fn lap(total: &mut Duration, start: Instant) -> Instant {
+    let now = Instant::now();
+    *total += now - start;
+    now
+}
+
+fn bench(dev: &Device, side: usize, batch: usize, steps: usize) -> candle_core::Result<()> {
+    let dev = dev.clone();
     let spec = StudentSpec {
         arch: StudentArch::MobileNetV2 { width: 1.0 },
         num_classes: 8,
@@ -30,33 +39,244 @@ fn bench(side: usize, batch: usize, steps: usize) -> candle_core::Result<()> {
     let labels = Tensor::from_vec((0..batch as u32).map(|i| i % 8).collect::<Vec<_>>(), batch, &dev)?;
     let mask = Tensor::ones(batch, DType::F32, &dev)?;
     let teacher = Tensor::randn(0f32, 1., (batch, 8), &dev)?;
-    let mut step = || -> candle_core::Result<f32> {
+    // Forward (with the loss), backward and optimiser step, timed apart: the device is synchronised
+    // after each, so the phases add up to the step.
+    let mut phases = [Duration::ZERO; 3];
+    let mut step = |phases: &mut [Duration; 3]| -> candle_core::Result<f32> {
+        let t = Instant::now();
         let out = model.forward_t(&x, true)?;
         let loss = kd_loss(&out.logits, Some(&teacher), &labels, &mask, 0.5, 4.0)?.total;
-        opt.backward_step(&loss)?;
-        loss.to_scalar::<f32>()
+        dev.synchronize()?;
+        let t = lap(&mut phases[0], t);
+        let grads = loss.backward()?;
+        dev.synchronize()?;
+        let t = lap(&mut phases[1], t);
+        opt.step(&grads)?;
+        let value = loss.to_scalar::<f32>()?;
+        lap(&mut phases[2], t);
+        Ok(value)
     };
     for _ in 0..2 {
-        step()?;
+        step(&mut [Duration::ZERO; 3])?;
     }
     let t0 = Instant::now();
     for _ in 0..steps {
-        step()?;
+        step(&mut phases)?;
     }
     let secs = t0.elapsed().as_secs_f64();
+    let ms = |d: Duration| d.as_secs_f64() * 1e3 / steps as f64;
     println!(
-        "mobilenetv2 1.0x {side}x{side} batch {batch}: {:.1} images/s ({:.3} s/step over {steps} steps, {} threads)",
+        "mobilenetv2 1.0x {side}x{side} batch {batch}: {:.1} images/s ({:.3} s/step over {steps} steps, {}; forward {:.1} ms, backward {:.1} ms, AdamW {:.1} ms)",
         (steps * batch) as f64 / secs,
         secs / steps as f64,
-        rayon::current_num_threads()
+        if dev.is_cpu() {
+            format!("{} threads", rayon::current_num_threads())
+        } else {
+            format!("{:?}", dev.location())
+        },
+        ms(phases[0]),
+        ms(phases[1]),
+        ms(phases[2]),
     );
+    Ok(())
+}
+
+/// One layer on the device against the CPU: values of `f(inputs)` and the gradients of
+/// `sum(f(inputs) · r)` (random `r`) for every input. Returns the largest relative difference.
+fn layer_parity(
+    dev: &Device,
+    name: &str,
+    inputs: &[Tensor],
+    f: impl Fn(&[Tensor]) -> candle_core::Result<Tensor>,
+) -> candle_core::Result<f32> {
+    let run = |device: &Device, r: Option<&Tensor>| -> candle_core::Result<(Tensor, Vec<Tensor>, Tensor)> {
+        let vars = inputs
+            .iter()
+            .map(|t| candle_core::Var::from_tensor(&t.to_device(device)?))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+        let y = f(&ts)?;
+        let r = match r {
+            Some(r) => r.to_device(device)?,
+            None => Tensor::randn(0f32, 1., y.shape(), &Device::Cpu)?.to_device(device)?,
+        };
+        let grads = (&y * &r)?.sum_all()?.backward()?;
+        let g = vars
+            .iter()
+            .map(|v| grads.get(v).cloned().unwrap_or(v.as_tensor().zeros_like()?).to_device(&Device::Cpu))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Ok((y.to_device(&Device::Cpu)?, g, r.to_device(&Device::Cpu)?))
+    };
+    let (y_cpu, g_cpu, r) = run(&Device::Cpu, None)?;
+    let (y_dev, g_dev, _) = run(dev, Some(&r))?;
+    let rel = |a: &Tensor, b: &Tensor| -> candle_core::Result<f32> {
+        let scale = a.abs()?.max_all()?.to_scalar::<f32>()?.max(1e-12);
+        Ok((a - b)?.abs()?.max_all()?.to_scalar::<f32>()? / scale)
+    };
+    let mut line = format!("    {name:<34} value {:.1e}", rel(&y_cpu, &y_dev)?);
+    let mut worst = rel(&y_cpu, &y_dev)?;
+    for (i, (a, b)) in g_cpu.iter().zip(&g_dev).enumerate() {
+        let d = rel(a, b)?;
+        worst = worst.max(d);
+        line.push_str(&format!(", grad {i} {d:.1e}"));
+    }
+    println!("{line}");
+    Ok(worst)
+}
+
+/// The layers MobileNetV2 trains with, one at a time at its last stages' sizes.
+fn layers_against_cpu(dev: &Device) -> candle_core::Result<f32> {
+    use distillery_models::nn::{
+        BatchNorm2d, depthwise::depthwise_conv3x3, global_avg_pool, pointwise_conv, relu6,
+    };
+    let cpu = Device::Cpu;
+    let randn = |shape: &[usize], scale: f64| Tensor::randn(0f32, 1., shape, &cpu)? * scale;
+    let mut worst = 0f32;
+    for (c, side, stride) in [(960, 2, 1), (192, 8, 2), (32, 16, 1)] {
+        let (x, w) = (randn(&[4, c, side, side], 1.0)?, randn(&[c, 1, 3, 3], 0.3)?);
+        let name = format!("depthwise {c}x{side}x{side} stride {stride}");
+        worst = worst.max(layer_parity(dev, &name, &[x, w], |v| depthwise_conv3x3(&v[0], &v[1], stride))?);
+    }
+    let (x, w) = (randn(&[4, 320, 2, 2], 1.0)?, randn(&[1280, 320, 1, 1], 0.05)?);
+    worst = worst
+        .max(layer_parity(dev, "pointwise 320→1280 at 2x2", &[x, w], |v| pointwise_conv(&v[0], &v[1]))?);
+    let x = randn(&[4, 1280, 2, 2], 4.0)?;
+    worst = worst.max(layer_parity(dev, "relu6", &[x.clone()], |v| relu6(&v[0]))?);
+    worst = worst.max(layer_parity(dev, "global average pool", &[x.clone()], |v| global_avg_pool(&v[0]))?);
+    let (gamma, beta) = ((randn(&[1280], 0.2)? + 1.0)?, randn(&[1280], 0.2)?);
+    let bn = |v: &[Tensor]| -> candle_core::Result<Tensor> {
+        let dev = v[0].device();
+        let stats = [
+            ("running_mean", Tensor::zeros(1280, DType::F32, dev)?),
+            ("running_var", Tensor::ones(1280, DType::F32, dev)?),
+        ];
+        let mut map: std::collections::HashMap<String, Tensor> =
+            stats.into_iter().map(|(k, t)| (k.to_owned(), t)).collect();
+        map.insert("weight".into(), v[1].clone());
+        map.insert("bias".into(), v[2].clone());
+        BatchNorm2d::new(1280, VarBuilder::from_tensors(map, DType::F32, dev))?.forward_t(&v[0], true)
+    };
+    worst = worst.max(layer_parity(
+        dev,
+        "batch norm (training) 1280 at 2x2",
+        &[x.clone(), gamma.clone(), beta.clone()],
+        bn,
+    )?);
+    let head = |v: &[Tensor]| global_avg_pool(&relu6(&bn(v)?)?);
+    worst = worst.max(layer_parity(dev, "batch norm → relu6 → pool", &[x, gamma, beta], head)?);
+    Ok(worst)
+}
+
+/// On a device other than the CPU, first checks it against the CPU: the same MobileNetV2 weights
+/// and batch (64², batch 4) in f32 on the device, in f32 on the CPU and in f64 on the CPU (the
+/// reference), comparing the training-mode features and every gradient. Batch norms in training
+/// mode make some gradients ill-conditioned (large cancellations), so each gradient's error on the
+/// device is judged against the CPU's own f32 error on that tensor.
+fn check_against_cpu(dev: &Device) -> candle_core::Result<()> {
+    let cpu = Device::Cpu;
+    let spec = StudentSpec {
+        arch: StudentArch::MobileNetV2 { width: 1.0 },
+        num_classes: 8,
+        input_size: 64,
+        embed_proj: None,
+    };
+    let cpu_vars = VarMap::new();
+    let cpu_model = build_student(&spec, VarBuilder::from_varmap(&cpu_vars, DType::F32, &cpu))?;
+    let copy_vars = |device: &Device, dtype: DType| -> candle_core::Result<VarMap> {
+        let vars = VarMap::new();
+        for (name, var) in cpu_vars.data().lock().expect("varmap lock").iter() {
+            let copy = candle_core::Var::from_tensor(&var.as_tensor().to_dtype(dtype)?.to_device(device)?)?;
+            vars.data().lock().expect("varmap lock").insert(name.clone(), copy);
+        }
+        Ok(vars)
+    };
+    let (dev_vars, ref_vars) = (copy_vars(dev, DType::F32)?, copy_vars(&cpu, DType::F64)?);
+    let dev_model = build_student(&spec, VarBuilder::from_varmap(&dev_vars, DType::F32, dev))?;
+    let ref_model = build_student(&spec, VarBuilder::from_varmap(&ref_vars, DType::F64, &cpu))?;
+    let x = Tensor::rand(0f32, 1., (4, 3, 64, 64), &cpu)?;
+    // The pooled features (before the heads' dropout, which draws its own masks per device), with
+    // batch statistics; every backbone weight gets a gradient. All returned as f64 on the host.
+    let run = |model: &dyn distillery_models::student::Student, vars: &VarMap, x: &Tensor| {
+        let features = model.forward_t(x, true)?.embedding;
+        let grads = features.sqr()?.sum_all()?.backward()?;
+        let host = |t: &Tensor| t.to_device(&Device::Cpu)?.to_dtype(DType::F64);
+        let data = vars.data().lock().expect("varmap lock");
+        let mut named = Vec::new();
+        for (k, v) in data.iter() {
+            if let Some(g) = grads.get(v) {
+                named.push((k.clone(), host(g)?));
+            }
+        }
+        named.sort_by(|a: &(String, Tensor), b| a.0.cmp(&b.0));
+        candle_core::Result::Ok((host(&features)?, named))
+    };
+    let (f_cpu, g_cpu) = run(cpu_model.as_ref(), &cpu_vars, &x)?;
+    let (f_dev, g_dev) = run(dev_model.as_ref(), &dev_vars, &x.to_device(dev)?)?;
+    let (f_ref, g_ref) = run(ref_model.as_ref(), &ref_vars, &x.to_dtype(DType::F64)?)?;
+    // Max-norm error relative to the reference's max magnitude.
+    let err = |a: &Tensor, reference: &Tensor| -> candle_core::Result<f64> {
+        let scale = reference.abs()?.max_all()?.to_scalar::<f64>()?.max(1e-12);
+        Ok((a - reference)?.abs()?.max_all()?.to_scalar::<f64>()? / scale)
+    };
+    let names = |g: &[(String, Tensor)]| g.iter().map(|(n, _)| n.clone()).collect::<Vec<_>>();
+    if g_ref.is_empty() || names(&g_ref) != names(&g_dev) || names(&g_ref) != names(&g_cpu) {
+        candle_core::bail!(
+            "gradients: {} tensors on the CPU, {} on {:?}",
+            g_cpu.len(),
+            g_dev.len(),
+            dev.location()
+        );
+    }
+    // TF32 (on request, and cuDNN's default for convolutions) rounds matrix-product inputs to 10
+    // bits of mantissa, against f32's 23: allow its larger error.
+    let slack =
+        if candle_core::cuda::gemm_reduced_precision_f32() || cfg!(feature = "cudnn") { 1e3 } else { 10.0 };
+    let features = (err(&f_dev, &f_ref)?, err(&f_cpu, &f_ref)?);
+    let mut worst = Vec::with_capacity(g_ref.len());
+    for (((name, r), (_, c)), (_, d)) in g_ref.iter().zip(&g_cpu).zip(&g_dev) {
+        let (e_dev, e_cpu) = (err(d, r)?, err(c, r)?);
+        // How far past the CPU's own error (floored at 1e-6) the device's is.
+        worst.push((e_dev / e_cpu.max(1e-6), e_dev, e_cpu, name.as_str()));
+    }
+    worst.sort_by(|a, b| b.0.total_cmp(&a.0));
+    println!(
+        "parity with the CPU (64x64, batch 4; errors against f64): features {:.1e} (CPU f32 {:.1e}); worst gradient {} {:.1e} (CPU f32 {:.1e}) over {} tensors",
+        features.0,
+        features.1,
+        worst[0].3,
+        worst[0].1,
+        worst[0].2,
+        worst.len()
+    );
+    if features.0 > slack * features.1.max(1e-6) || worst[0].0 > slack {
+        for (_, e_dev, e_cpu, name) in worst.iter().take(8) {
+            println!("    {e_dev:.2e} (CPU f32 {e_cpu:.2e})  {name}");
+        }
+        candle_core::bail!("{:?} disagrees with the CPU beyond f32 rounding", dev.location());
+    }
     Ok(())
 }
 
 fn main() -> candle_core::Result<()> {
     distillery_models::alloc::keep_freed_pages();
     let steps = std::env::var("STUDENT_BENCH_STEPS").ok().and_then(|s| s.parse().ok()).unwrap_or(5);
-    bench(112, 32, steps)?;
-    bench(224, 16, steps)?;
+    let (_, dev) = distillery_models::device::from_env()?;
+    if !dev.is_cpu() {
+        println!("layers against the CPU (max relative difference):");
+        let worst = layers_against_cpu(&dev)?;
+        // No convolution here: only a TF32 request changes the precision.
+        if worst > if candle_core::cuda::gemm_reduced_precision_f32() { 1e-2 } else { 1e-4 } {
+            candle_core::bail!("{:?}: a layer disagrees with the CPU ({worst:.1e})", dev.location());
+        }
+        check_against_cpu(&dev)?;
+    }
+    let shapes = std::env::var("STUDENT_BENCH_SHAPES").unwrap_or_else(|_| "112x32,224x16".into());
+    for shape in shapes.split(',') {
+        let parsed = shape.trim().split_once('x').and_then(|(s, b)| Some((s.parse().ok()?, b.parse().ok()?)));
+        let Some((side, batch)) = parsed else {
+            candle_core::bail!("STUDENT_BENCH_SHAPES: `{shape}` is not SIDExBATCH");
+        };
+        bench(&dev, side, batch, steps)?;
+    }
     Ok(())
 }

@@ -6,6 +6,7 @@
 
 pub mod alloc;
 pub mod cost;
+pub mod device;
 pub mod emonet;
 pub mod losses;
 pub mod nn;

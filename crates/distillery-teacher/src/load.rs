@@ -15,6 +15,7 @@ use std::sync::Arc;
 
 use candle_core::Device;
 use distillery_core::ClassSet;
+use distillery_models::device::DeviceName;
 use distillery_models::emonet::{EmoNet, EmoNetVariant};
 use distillery_models::onnx::OnnxTeacher;
 use distillery_models::student::{StudentSpec, StudentTeacher};
@@ -110,29 +111,15 @@ impl fmt::Display for TeacherSpec {
     }
 }
 
-/// Parses a device name: `cpu`, `cuda` (GPU 0) or `cuda:N`.
+/// Parses a device name (`cpu`, `cuda` (GPU 0) or `cuda:N`) and opens the device.
 pub fn parse_device(s: &str) -> Result<Device> {
-    let s = s.trim().to_ascii_lowercase();
-    let cuda = |ordinal: usize| {
-        Device::new_cuda(ordinal)
-            .map_err(|e| Error::config("device", format!("`{s}`: {e} (build with the `cuda` feature)")))
-    };
-    match s.as_str() {
-        "cpu" | "" => Ok(Device::Cpu),
-        "cuda" | "gpu" => cuda(0),
-        other => match other.strip_prefix("cuda:").map(str::parse::<usize>) {
-            Some(Ok(n)) => cuda(n),
-            _ => Err(Error::config("device", format!("`{s}` is not cpu, cuda or cuda:N"))),
-        },
-    }
+    let name = DeviceName::parse(s).map_err(|e| Error::config("device", e))?;
+    name.open().map_err(|e| Error::config("device", e.to_string()))
 }
 
 /// Checks a device name without opening the device.
 pub fn check_device_name(s: &str) -> Result<()> {
-    let l = s.trim().to_ascii_lowercase();
-    let ok = matches!(l.as_str(), "cpu" | "" | "cuda" | "gpu")
-        || l.strip_prefix("cuda:").is_some_and(|n| n.parse::<usize>().is_ok());
-    if ok { Ok(()) } else { Err(Error::config("device", format!("`{s}` is not cpu, cuda or cuda:N"))) }
+    DeviceName::parse(s).map(|_| ()).map_err(|e| Error::config("device", e))
 }
 
 /// Class names of a student run: `classes.json` (a list of names) when the run wrote one, else

@@ -360,10 +360,72 @@ pub fn depthwise_conv3x3(x: &Tensor, weight: &Tensor, stride: usize) -> Result<T
     let (ho, wo) = (out_side(h, stride), out_side(w, stride));
     crate::cost::record(crate::cost::conv2d_macs(&[n, c, ho, wo], 1, 3, 3));
     if !x.device().is_cpu() {
-        // No device kernel here: candle's grouped convolution is correct, only slower.
-        return x.conv2d(weight, 1, stride, 1, c);
+        return depthwise_conv3x3_composed(x, weight, stride);
     }
     x.contiguous()?.apply_op2(&weight.contiguous()?, DwFwd { stride })
+}
+
+/// [`depthwise_conv3x3`] as nine shifted multiply-adds of candle ops, for devices without this
+/// module's CPU kernels: about thirty kernel launches whatever the channel count, where candle's
+/// grouped convolution runs one convolution per channel. Differentiable through candle's autograd.
+pub(crate) fn depthwise_conv3x3_composed(x: &Tensor, weight: &Tensor, stride: usize) -> Result<Tensor> {
+    let (_, _, h, w) = x.dims4()?;
+    let xp = x.pad_with_zeros(2, 1, 1)?.pad_with_zeros(3, 1, 1)?;
+    depthwise3x3_padded(&xp, weight, stride, (out_side(h, stride), out_side(w, stride)))
+}
+
+/// A 3×3 depthwise convolution without padding of an input whose padding is already applied
+/// (any, e.g. an ONNX node's asymmetric pads), giving `out` = (rows, columns); weight `[c,1,3,3]`,
+/// stride 1 or 2. The composed form of [`depthwise_conv3x3_composed`].
+pub(crate) fn depthwise3x3_padded(
+    xp: &Tensor,
+    weight: &Tensor,
+    stride: usize,
+    out: (usize, usize),
+) -> Result<Tensor> {
+    if stride != 1 && stride != 2 {
+        bail!("depthwise-conv3x3: stride must be 1 or 2, got {stride}");
+    }
+    let (n, c, h, w) = xp.dims4()?;
+    let (ho, wo) = out;
+    if weight.dims() != [c, 1, 3, 3] {
+        bail!("depthwise-conv3x3: weight must be [{c}, 1, 3, 3], got {:?}", weight.dims());
+    }
+    // Every tap's window needs `stride·(out−1) + 3` rows; zeros after make it `stride·out + 2`
+    // (even for stride 2), and rows beyond that are never read.
+    let (ph, pw) = (stride * ho + 2, stride * wo + 2);
+    if ho == 0 || wo == 0 || h < stride * (ho - 1) + 3 || w < stride * (wo - 1) + 3 {
+        bail!("depthwise-conv3x3: {h}×{w} input is too small for a {ho}×{wo} output at stride {stride}");
+    }
+    let fit = |t: Tensor, dim: usize, have: usize, want: usize| -> Result<Tensor> {
+        if have >= want { t.narrow(dim, 0, want) } else { t.pad_with_zeros(dim, 0, want - have) }
+    };
+    let xp = fit(fit(xp.clone(), 2, h, ph)?, 3, w, pw)?;
+    // Stride 2: padded row 2i+ky is row i+ky/2 of the even (ky%2 = 0) or odd phase, so each tap is
+    // a contiguous window of one of four phase planes.
+    let phases = if stride == 2 {
+        let r = xp.reshape((n, c, ph / 2, 2, pw / 2, 2))?;
+        let plane = |a: usize, b: usize| r.narrow(3, a, 1)?.narrow(5, b, 1)?.reshape((n, c, ph / 2, pw / 2));
+        Some([[plane(0, 0)?, plane(0, 1)?], [plane(1, 0)?, plane(1, 1)?]])
+    } else {
+        None
+    };
+    let taps = weight.reshape((c, 9))?;
+    let mut acc: Option<Tensor> = None;
+    for ky in 0..3 {
+        for kx in 0..3 {
+            let window = match &phases {
+                Some(p) => p[ky % 2][kx % 2].narrow(2, ky / 2, ho)?.narrow(3, kx / 2, wo)?,
+                None => xp.narrow(2, ky, ho)?.narrow(3, kx, wo)?,
+            };
+            let term = window.broadcast_mul(&taps.narrow(1, ky * 3 + kx, 1)?.reshape((1, c, 1, 1))?)?;
+            acc = Some(match acc {
+                Some(a) => (a + term)?,
+                None => term,
+            });
+        }
+    }
+    acc.ok_or_else(|| candle_core::Error::Msg("depthwise-conv3x3: no taps".into()))
 }
 
 #[cfg(test)]
@@ -385,6 +447,53 @@ mod tests {
                 assert_eq!(ours.dims(), theirs.dims(), "{h}x{w} s{stride}");
                 let d = (ours - theirs)?.abs()?.max_all()?.to_scalar::<f64>()?;
                 assert!(d < 1e-12, "{h}x{w} stride {stride}: max diff {d}");
+            }
+        }
+        Ok(())
+    }
+
+    /// The composed form other devices use agrees with the CPU kernel, values and gradients.
+    #[test]
+    fn composed_form_matches_the_kernel() -> Result<()> {
+        let dev = Device::Cpu;
+        for (h, w) in [(5, 5), (6, 6), (7, 4), (1, 1), (2, 3)] {
+            for stride in [1, 2] {
+                let x = Tensor::randn(0f64, 1., (2, 3, h, w), &dev)?;
+                let k = Tensor::randn(0f64, 1., (3, 1, 3, 3), &dev)?;
+                let ours = depthwise_conv3x3_composed(&x, &k, stride)?;
+                let kernel = depthwise_conv3x3(&x, &k, stride)?;
+                assert_eq!(ours.dims(), kernel.dims(), "{h}x{w} s{stride}");
+                let d = (ours - kernel)?.abs()?.max_all()?.to_scalar::<f64>()?;
+                assert!(d < 1e-12, "{h}x{w} stride {stride}: max diff {d}");
+            }
+        }
+        for (h, w) in [(5, 5), (4, 4), (5, 3)] {
+            for stride in [1, 2] {
+                let x = rand_var((2, 2, h, w), 3)?;
+                let k = rand_var((2, 1, 3, 3), 4)?;
+                check_grads(&[&x, &k], 1e-6, 1e-5, |v| depthwise_conv3x3_composed(&v[0], &v[1], stride))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The pre-padded form with other paddings (e.g. an ONNX node's `pads = [0, 0, 1, 1]`)
+    /// agrees with candle's grouped convolution of the same padded input.
+    #[test]
+    fn pre_padded_form_matches_grouped_conv() -> Result<()> {
+        let dev = Device::Cpu;
+        for (h, w) in [(6, 6), (7, 5), (4, 4)] {
+            for stride in [1, 2] {
+                for (top, left, bottom, right) in [(0, 0, 1, 1), (1, 1, 1, 1), (2, 0, 0, 1)] {
+                    let x = Tensor::randn(0f64, 1., (2, 3, h, w), &dev)?;
+                    let k = Tensor::randn(0f64, 1., (3, 1, 3, 3), &dev)?;
+                    let xp = x.pad_with_zeros(2, top, bottom)?.pad_with_zeros(3, left, right)?;
+                    let theirs = xp.conv2d(&k, 0, stride, 1, 3)?;
+                    let (_, _, ho, wo) = theirs.dims4()?;
+                    let ours = depthwise3x3_padded(&xp, &k, stride, (ho, wo))?;
+                    let d = (ours - theirs)?.abs()?.max_all()?.to_scalar::<f64>()?;
+                    assert!(d < 1e-12, "{h}x{w} s{stride} pads {top},{left},{bottom},{right}: {d}");
+                }
             }
         }
         Ok(())

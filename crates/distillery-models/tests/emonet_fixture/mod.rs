@@ -9,8 +9,17 @@ use std::path::PathBuf;
 use candle_core::{Device, Tensor};
 use serde_json::Value;
 
+/// This crate's folder: `$DISTILLERY_SOURCE/crates/distillery-models` when that is set (a bench
+/// binary carried to another machine, as `benches/gpu.sh` does), else where it was built.
+pub fn crate_dir() -> PathBuf {
+    match std::env::var_os("DISTILLERY_SOURCE") {
+        Some(root) => PathBuf::from(root).join("crates").join("distillery-models"),
+        None => PathBuf::from(env!("CARGO_MANIFEST_DIR")),
+    }
+}
+
 pub fn fixture_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests").join("fixtures")
+    crate_dir().join("tests").join("fixtures")
 }
 
 pub fn fixture() -> Value {

@@ -1,0 +1,93 @@
+#!/usr/bin/env bash
+# Distillery's teacher and student benchmarks on an NVIDIA GPU, beside PyTorch on the same GPU.
+#
+#   benches/gpu.sh build [DIR]   on a build machine (Rust; no GPU needed): builds the emonet,
+#                                student_train and onnx_faceapi benches with CUDA and packs them,
+#                                stripped, with the face-api model into DIR (default .gpu/, ignored
+#                                by git). Uses nvcc from PATH, else scripts/cuda-toolkit.sh's.
+#   benches/gpu.sh run [DIR]     on the GPU machine, from the checkout's root (CUDA driver and
+#                                libraries, python3 with PyTorch; no Rust): runs each bench on
+#                                cuda:0, then benches/reference/bench_pytorch.py with DEVICE=cuda;
+#                                prints every result and keeps them in DIR/results.txt.
+#
+# CUDA_COMPUTE_CAP (default 90, Hopper) picks the GPU generation the kernels are compiled for;
+# FEATURES (default distillery-models/cudnn; distillery-models/cuda without cuDNN) the backend.
+# Sizes: EMONET_BENCH_BATCHES, STUDENT_BENCH_SHAPES, EMONET_BENCH_ITERS, STUDENT_BENCH_STEPS
+# (defaults below, larger than the CPU benches': a GPU only fills up at larger batches);
+# BENCH_TIMEOUT (default 180 s) bounds each program.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+mode="${1:-}"
+dir="${2:-.gpu}"
+benches=(emonet student_train onnx_faceapi)
+
+case "$mode" in
+  build)
+    source scripts/env.sh
+    if ! command -v nvcc >/dev/null 2>&1; then
+      toolkit="$(scripts/cuda-toolkit.sh)"
+      export PATH="$toolkit/bin:$PATH" CUDA_ROOT="$toolkit"
+    fi
+    export CUDA_COMPUTE_CAP="${CUDA_COMPUTE_CAP:-90}"
+    log="$(mktemp)"
+    args=()
+    for b in "${benches[@]}"; do args+=(--bench "$b"); done
+    cargo bench --workspace --profile dev --locked --features "${FEATURES:-distillery-models/cudnn}" --no-run "${args[@]}" 2>&1 | tee "$log"
+    rm -rf "$dir"
+    mkdir -p "$dir/bin" "$dir/reference/teachers"
+    for b in "${benches[@]}"; do
+      exe="$(sed -n "s|^ *Executable benches/$b.rs (\(.*\))$|\1|p" "$log" | tail -n1)"
+      [ -x "$exe" ] || { echo "no executable for bench $b in the cargo output" >&2; exit 1; }
+      strip -o "$dir/bin/$b" "$exe"
+      gzip -9 "$dir/bin/$b"
+    done
+    rm -f "$log"
+    reference="${DISTILLERY_REFERENCE:-../shared/reference}"
+    cp "$reference/teachers/faceapi_expression.onnx" "$dir/reference/teachers/"
+    git rev-parse HEAD >"$dir/commit"
+    du -sh "$dir"
+    ;;
+  run)
+    [ -d "$dir/bin" ] || { echo "$dir/bin: missing; run \`benches/gpu.sh build\` first" >&2; exit 1; }
+    # The CUDA libraries the binaries link: wherever this machine keeps them (a CUDA install or
+    # PyTorch's nvidia-* wheels).
+    libs=""
+    for lib in libcudart.so.13 libcublas.so.13 libcublasLt.so.13 libcurand.so.10 libcudnn.so.9; do
+      found="$(find /usr/local /usr/lib /opt -name "$lib" -print -quit 2>/dev/null || true)"
+      [ -n "$found" ] || { echo "$lib: not found under /usr/local, /usr/lib or /opt" >&2; exit 1; }
+      case ":$libs:" in *":$(dirname "$found"):"*) ;; *) libs="$libs:$(dirname "$found")" ;; esac
+    done
+    export LD_LIBRARY_PATH="${libs#:}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+    export DISTILLERY_DEVICE=cuda DEVICE=cuda DISTILLERY_SOURCE="$PWD" DISTILLERY_REFERENCE="$PWD/$dir/reference"
+    export EMONET_BENCH_BATCHES="${EMONET_BENCH_BATCHES:-1,8,64}" EMONET_BENCH_ITERS="${EMONET_BENCH_ITERS:-20}"
+    export STUDENT_BENCH_SHAPES="${STUDENT_BENCH_SHAPES:-112x32,224x16,224x128}"
+    export STUDENT_BENCH_STEPS="${STUDENT_BENCH_STEPS:-10}"
+    results="$dir/results.txt"
+    limit="${BENCH_TIMEOUT:-180}" # seconds per program, so one slow bench cannot eat the others' time
+    {
+      echo "# $(date -u +%FT%TZ) commit $(cat "$dir/commit" 2>/dev/null || echo unknown)"
+      nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
+    } | tee "$results"
+    status=0
+    for b in "${benches[@]}"; do
+      gunzip -kf "$dir/bin/$b.gz"
+      chmod +x "$dir/bin/$b"
+      echo "## $b" | tee -a "$results"
+      timeout "$limit" "$dir/bin/$b" 2>&1 | tee -a "$results" || { echo "FAILED: $b" | tee -a "$results"; status=1; }
+    done
+    # TF32 tensor cores for f32 matrix products (PyTorch's default for cuDNN convolutions).
+    echo "## emonet, student_train with DISTILLERY_TF32=1" | tee -a "$results"
+    for b in emonet student_train; do
+      DISTILLERY_TF32=1 timeout "$limit" "$dir/bin/$b" 2>&1 | tee -a "$results" || { echo "FAILED: $b (TF32)" | tee -a "$results"; status=1; }
+    done
+    echo "## pytorch reference" | tee -a "$results"
+    timeout "$limit" python3 benches/reference/bench_pytorch.py 2>&1 | tee -a "$results" || status=1
+    echo "## pytorch reference, emonet in bf16" | tee -a "$results"
+    BENCHES=emonet_forward EMONET_BENCH_DTYPE=bf16 timeout "$limit" python3 benches/reference/bench_pytorch.py 2>&1 | tee -a "$results" || status=1
+    exit "$status"
+    ;;
+  *)
+    sed -n '2,16p' "$0"
+    exit 2
+    ;;
+esac
