@@ -378,6 +378,75 @@ impl Teacher for StudentTeacher {
 mod tests {
     use super::*;
 
+    /// Features and all gradients of MobileNetV2 in training mode, as f64 on the host: the
+    /// gradient of `sum(features²)` (features come before the heads' dropout).
+    fn features_and_grads(
+        vars: &VarMap,
+        dtype: DType,
+        x: &Tensor,
+    ) -> candle_core::Result<(Tensor, Vec<(String, Tensor)>)> {
+        let spec = StudentSpec::parse("mobilenetv2:1.0@64", 8)
+            .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        let model = build_student(&spec, VarBuilder::from_varmap(vars, dtype, &Device::Cpu))?;
+        let features = model.forward_t(&x.to_dtype(dtype)?, true)?.embedding;
+        let grads = features.sqr()?.sum_all()?.backward()?;
+        let data = vars.data().lock().expect("varmap lock");
+        let mut named = Vec::new();
+        for (k, v) in data.iter() {
+            if let Some(g) = grads.get(v) {
+                named.push((k.clone(), g.to_dtype(DType::F64)?));
+            }
+        }
+        named.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok((features.to_dtype(DType::F64)?, named))
+    }
+
+    /// The portable layer paths (what GPUs run: composed depthwise convolution, batch norm and
+    /// ReLU6, candle's convolution) compute what the CPU kernels compute: in f64, the same
+    /// features and every gradient of MobileNetV2 in training mode; in f32, the same features.
+    /// (f32 gradients are not compared one by one: a few nearly cancel — a batch norm's shift
+    /// whose output reaches the loss through another batch norm in training mode — and two f32
+    /// summation orders can differ there by percents. The kernels accumulate in f64.)
+    #[test]
+    fn portable_layers_train_like_the_cpu_kernels() -> candle_core::Result<()> {
+        let f32_vars = VarMap::new();
+        let x = Tensor::rand(0f32, 1., (4, 3, 64, 64), &Device::Cpu)?;
+        let fast32 = features_and_grads(&f32_vars, DType::F32, &x)?;
+        let port32 = crate::nn::with_portable_layers(|| features_and_grads(&f32_vars, DType::F32, &x))?;
+        let f64_vars = VarMap::new();
+        for (name, var) in f32_vars.data().lock().expect("varmap lock").iter() {
+            let copy = Var::from_tensor(&var.as_tensor().to_dtype(DType::F64)?)?;
+            f64_vars.data().lock().expect("varmap lock").insert(name.clone(), copy);
+        }
+        let fast64 = features_and_grads(&f64_vars, DType::F64, &x)?;
+        let port64 = crate::nn::with_portable_layers(|| features_and_grads(&f64_vars, DType::F64, &x))?;
+        // Relative L2 error, against at least a millionth of the largest gradient's norm: some
+        // gradients are zero up to rounding (every `project_bn.bias`).
+        let norm =
+            |t: &Tensor| -> candle_core::Result<f64> { t.sqr()?.sum_all()?.sqrt()?.to_scalar::<f64>() };
+        let mut floor = 0f64;
+        for (_, g) in &fast64.1 {
+            floor = floor.max(norm(g)? * 1e-6);
+        }
+        let err = |a: &Tensor, r: &Tensor| -> candle_core::Result<f64> {
+            Ok(norm(&(a - r)?)? / norm(r)?.max(floor))
+        };
+        let names = |g: &[(String, Tensor)]| g.iter().map(|(n, _)| n.clone()).collect::<Vec<_>>();
+        assert!(fast64.1.len() > 100, "{} gradients", fast64.1.len());
+        for other in [&fast32, &port32, &port64] {
+            assert_eq!(names(&other.1), names(&fast64.1));
+        }
+        let e = err(&port64.0, &fast64.0)?;
+        assert!(e < 1e-10, "features differ in f64 by {e:.1e}");
+        for ((name, p), (_, f)) in port64.1.iter().zip(&fast64.1) {
+            let e = err(p, f)?;
+            assert!(e < 1e-8, "{name}: portable and kernel gradients differ in f64 by {e:.1e}");
+        }
+        let e = err(&port32.0, &fast32.0)?;
+        assert!(e < 1e-4, "features differ in f32 by {e:.1e}");
+        Ok(())
+    }
+
     #[test]
     fn parse_specs() {
         let s = StudentSpec::parse("mobilenetv2:0.5@112", 8).unwrap();

@@ -359,7 +359,7 @@ pub fn depthwise_conv3x3(x: &Tensor, weight: &Tensor, stride: usize) -> Result<T
     }
     let (ho, wo) = (out_side(h, stride), out_side(w, stride));
     crate::cost::record(crate::cost::conv2d_macs(&[n, c, ho, wo], 1, 3, 3));
-    if !x.device().is_cpu() {
+    if !super::cpu_kernels(x) {
         return depthwise_conv3x3_composed(x, weight, stride);
     }
     x.contiguous()?.apply_op2(&weight.contiguous()?, DwFwd { stride })

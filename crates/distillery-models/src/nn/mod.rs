@@ -34,6 +34,30 @@ pub use depthwise::depthwise_conv3x3;
 
 use crate::cost;
 
+thread_local! {
+    static PORTABLE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `f` with this thread's training layers on their portable paths (compositions of candle
+/// ops, what GPUs run) even on the CPU, so those paths can be checked against the CPU kernels on
+/// machines without a GPU.
+pub fn with_portable_layers<T>(f: impl FnOnce() -> T) -> T {
+    struct Reset(bool);
+    impl Drop for Reset {
+        fn drop(&mut self) {
+            PORTABLE.with(|p| p.set(self.0));
+        }
+    }
+    let _reset = Reset(PORTABLE.with(|p| p.replace(true)));
+    f()
+}
+
+/// Whether a layer takes its hand-written CPU kernel for `t`: a CPU tensor, outside
+/// [`with_portable_layers`].
+pub(crate) fn cpu_kernels(t: &Tensor) -> bool {
+    t.device().is_cpu() && !PORTABLE.with(|p| p.get())
+}
+
 /// Kaiming-normal initialisation with fan-out (He et al. 2015), as used for MobileNetV2 and ResNet.
 fn kaiming_fan_out(c_out: usize, k: usize, groups: usize) -> Init {
     let fan_out = (c_out * k * k / groups.max(1)).max(1) as f64;
@@ -68,7 +92,7 @@ impl Conv2d {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (n, _, h, w) = x.dims4()?;
         let (c_out, c_in, kh, kw) = self.weight.dims4()?;
-        let y = if x.device().is_cpu() {
+        let y = if cpu_kernels(x) {
             im2col::conv2d_unfolded(x, &self.weight, self.stride, self.padding)?
         } else {
             if self.stride > 1 && h % 2 != w % 2 {
@@ -195,7 +219,7 @@ impl BatchNorm2d {
         if m < 2.0 {
             bail!("batch-norm: training needs more than one value per channel, got {n}×{hw}");
         }
-        let (y, mean, var) = if x3.device().is_cpu() {
+        let (y, mean, var) = if cpu_kernels(x3) {
             let (y, st) = batchnorm::batch_norm_train_cpu(x3, &self.weight, &self.bias, self.eps)?;
             let dev = x3.device();
             (y, Tensor::new(st.mean, dev)?, Tensor::new(st.var, dev)?)
@@ -316,7 +340,7 @@ fn pool3s2_along(x: &Tensor, dim: usize) -> Result<Tensor> {
 
 /// Elementwise `min(max(x, 0), 6)`, fused forward and backward.
 pub fn relu6(x: &Tensor) -> Result<Tensor> {
-    if !x.device().is_cpu() {
+    if !cpu_kernels(x) {
         return x.clamp(0f32, 6f32);
     }
     x.contiguous()?.apply_op1(Relu6)
