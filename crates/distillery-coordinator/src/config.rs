@@ -40,6 +40,10 @@ pub struct CoordinatorConfig {
     /// Largest gRPC message accepted or sent, in bytes.
     #[serde(default = "default_max_message_bytes")]
     pub max_message_bytes: usize,
+    /// A `WatchJob` stream sends progress at most this often (the latest counts; every worker
+    /// heartbeat updates them). State changes and poisoned shards are sent at once.
+    #[serde(default = "default_watch_progress_interval", with = "duration_text")]
+    pub watch_progress_interval: Duration,
 }
 
 pub fn default_listen() -> SocketAddr {
@@ -54,6 +58,9 @@ pub fn default_max_attempts() -> u32 {
 pub fn default_max_message_bytes() -> usize {
     64 << 20
 }
+pub fn default_watch_progress_interval() -> Duration {
+    Duration::from_millis(500)
+}
 
 impl CoordinatorConfig {
     /// A config with defaults for everything but the state directory.
@@ -67,6 +74,7 @@ impl CoordinatorConfig {
             tls: None,
             metrics_listen: None,
             max_message_bytes: default_max_message_bytes(),
+            watch_progress_interval: default_watch_progress_interval(),
         }
     }
 
@@ -103,6 +111,12 @@ impl CoordinatorConfig {
             return Err(Error::config(
                 "max_message_bytes",
                 format!("{} is not between 1 KiB and 1 GiB", self.max_message_bytes),
+            ));
+        }
+        if self.watch_progress_interval > Duration::from_secs(86_400) {
+            return Err(Error::config(
+                "watch_progress_interval",
+                format!("{:?} is longer than 24h", self.watch_progress_interval),
             ));
         }
         if let Some(m) = self.metrics_listen

@@ -3,6 +3,7 @@
 //! job → NOT_FOUND, stale worker session → FAILED_PRECONDITION, storage trouble → UNAVAILABLE).
 
 use std::pin::Pin;
+use std::time::Duration;
 
 use distillery_proto::convert::optional_fingerprint;
 use distillery_proto::v1;
@@ -10,6 +11,7 @@ use distillery_proto::v1::coordinator_service_server::CoordinatorService;
 use futures::Stream;
 use tokio::sync::broadcast::error::RecvError;
 use tokio::sync::watch;
+use tokio::time::{Instant, sleep_until};
 use tonic::{Request, Response, Status};
 
 use crate::coordinator::Coordinator;
@@ -34,11 +36,20 @@ pub struct CoordinatorGrpc {
     core: Coordinator,
     /// Turns true when the server begins to shut down; open `WatchJob` streams then end.
     closing: Option<watch::Receiver<bool>>,
+    /// Least time between two progress events of one `WatchJob` stream.
+    progress_every: Duration,
 }
 
 impl CoordinatorGrpc {
     pub fn new(core: Coordinator) -> Self {
-        Self { core, closing: None }
+        Self { core, closing: None, progress_every: crate::config::default_watch_progress_interval() }
+    }
+
+    /// Sends a `WatchJob` stream's progress events at most once per `every` (the latest of
+    /// those in between); other events go out at once and carry the latest counts themselves.
+    pub fn progress_every(mut self, every: Duration) -> Self {
+        self.progress_every = every;
+        self
     }
 
     /// Ends every open `WatchJob` stream with `UNAVAILABLE` once `closing` turns true, so a
@@ -301,6 +312,7 @@ impl CoordinatorService for CoordinatorGrpc {
         let (snapshot, mut rx) = self.core.watch_job(&id)?;
         let core = self.core.clone();
         let closing = self.closing.clone();
+        let every = self.progress_every;
         let stream = async_stream(move |tx| async move {
             let done = snapshot.job.state.is_terminal();
             if tx.send(Ok(event_to_proto(&snapshot))).await.is_err() || done {
@@ -308,9 +320,13 @@ impl CoordinatorService for CoordinatorGrpc {
             }
             let closed = closed(closing);
             tokio::pin!(closed);
+            // Progress waiting for its turn (only the latest is kept) and when that turn comes.
+            let mut held: Option<model::JobEvent> = None;
+            let mut next_progress = Instant::now();
             loop {
                 let next = tokio::select! {
-                    next = rx.recv() => next,
+                    next = rx.recv() => Some(next),
+                    () = sleep_until(next_progress), if held.is_some() => None,
                     () = &mut closed => {
                         let _ = tx
                             .send(Err(Status::unavailable("the coordinator is shutting down; watch the job again")))
@@ -319,9 +335,10 @@ impl CoordinatorService for CoordinatorGrpc {
                     }
                 };
                 let ev = match next {
-                    Ok(ev) if ev.job.id == id => ev,
-                    Ok(_) => continue,
-                    Err(RecvError::Lagged(_)) => match core.get_job(&id) {
+                    None => held.take().expect("a held event is due"),
+                    Some(Ok(ev)) if ev.job.id == id => ev,
+                    Some(Ok(_)) => continue,
+                    Some(Err(RecvError::Lagged(_))) => match core.get_job(&id) {
                         // Missed events: a fresh snapshot says where the job is now.
                         Ok(job) => {
                             model::JobEvent { kind: JobEventKind::Progress, job, detail: String::new() }
@@ -331,8 +348,20 @@ impl CoordinatorService for CoordinatorGrpc {
                             return;
                         }
                     },
-                    Err(RecvError::Closed) => return,
+                    Some(Err(RecvError::Closed)) => return,
                 };
+                // Plain progress (heartbeats, lease grants) waits for its turn; progress with a
+                // detail (a shard committed, or back to pending after a failure) does not.
+                if ev.kind == JobEventKind::Progress && ev.detail.is_empty() {
+                    if Instant::now() < next_progress {
+                        held = Some(ev);
+                        continue;
+                    }
+                    next_progress = Instant::now() + every;
+                } else {
+                    // Newer than any held progress, and carrying the same counts.
+                    held = None;
+                }
                 let terminal = ev.job.state.is_terminal();
                 if tx.send(Ok(event_to_proto(&ev))).await.is_err() || terminal {
                     return;

@@ -182,9 +182,11 @@ pub async fn spawn_with(
     // Set when shutdown begins: open WatchJob streams end, so the graceful stop does not wait for
     // jobs to finish.
     let (closing_tx, closing_rx) = watch::channel(false);
-    let coord_svc = CoordinatorServiceServer::new(CoordinatorGrpc::new(core.clone()).closing_on(closing_rx))
-        .max_decoding_message_size(limit)
-        .max_encoding_message_size(limit);
+    let coord_svc = CoordinatorServiceServer::new(
+        CoordinatorGrpc::new(core.clone()).closing_on(closing_rx).progress_every(cfg.watch_progress_interval),
+    )
+    .max_decoding_message_size(limit)
+    .max_encoding_message_size(limit);
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(distillery_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)

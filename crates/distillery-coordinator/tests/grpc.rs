@@ -31,8 +31,13 @@ impl tonic::service::Interceptor for AddToken {
 }
 
 async fn start(dir: &std::path::Path) -> (RunningCoordinator, Arc<distillery_coordinator::MemoryBackend>) {
+    start_with(CoordinatorConfig::new(dir)).await
+}
+
+async fn start_with(
+    mut cfg: CoordinatorConfig,
+) -> (RunningCoordinator, Arc<distillery_coordinator::MemoryBackend>) {
     let b = backend();
-    let mut cfg = CoordinatorConfig::new(dir);
     cfg.listen = "127.0.0.1:0".parse().unwrap();
     cfg.metrics_listen = Some("127.0.0.1:0".parse().unwrap());
     cfg.auth_token = Some(TOKEN.into());
@@ -66,7 +71,12 @@ fn submit_request(shard_size: u64) -> v1::SubmitLabelJobRequest {
 }
 
 /// Registers, then leases and completes shards until there is no work.
-async fn fake_worker(mut c: Client, id: &str) -> u32 {
+async fn fake_worker(c: Client, id: &str) -> u32 {
+    fake_worker_beating(c, id, 1).await
+}
+
+/// [`fake_worker`] sending `beats` heartbeats per shard (progress 1, 2, … images).
+async fn fake_worker_beating(mut c: Client, id: &str, beats: u64) -> u32 {
     let reg = c
         .register_worker(v1::RegisterWorkerRequest {
             worker_id: id.into(),
@@ -94,16 +104,18 @@ async fn fake_worker(mut c: Client, id: &str) -> u32 {
         assert_eq!(lease.views, 2);
         assert_eq!(lease.teacher_fingerprint, "a".repeat(32));
         let range = lease.range.unwrap();
-        let hb = c
-            .heartbeat(v1::HeartbeatRequest {
-                worker_id: id.into(),
-                session: reg.session.clone(),
-                leases: vec![v1::LeaseProgress { lease_id: lease.lease_id.clone(), images_done: 1 }],
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        assert_eq!(hb.leases[0].status, v1::LeaseStatus::Active as i32);
+        for images_done in 1..=beats {
+            let hb = c
+                .heartbeat(v1::HeartbeatRequest {
+                    worker_id: id.into(),
+                    session: reg.session.clone(),
+                    leases: vec![v1::LeaseProgress { lease_id: lease.lease_id.clone(), images_done }],
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            assert_eq!(hb.leases[0].status, v1::LeaseStatus::Active as i32);
+        }
         let out = c
             .complete_shard(v1::CompleteShardRequest {
                 worker_id: id.into(),
@@ -164,6 +176,40 @@ async fn worker_loop_completes_job_while_watch_streams_progress() {
     let text = http_get(running.metrics_addr.unwrap(), "/metrics").await;
     assert!(text.contains("distillery_coordinator_leases_granted_total 5"), "{text}");
     assert!(text.contains("distillery_coordinator_completions_total{state=\"committed\"} 5"), "{text}");
+    running.shutdown().await.unwrap();
+}
+
+/// Heartbeats update progress many times a second across a pool; each `WatchJob` stream sends
+/// that progress at most once per `watch_progress_interval` (here an hour, so only the first gets
+/// through), while leases, commits and the final state change go out at once with the latest
+/// counts.
+#[tokio::test]
+async fn watch_streams_send_heartbeat_progress_at_most_once_per_interval() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = CoordinatorConfig::new(dir.path());
+    cfg.watch_progress_interval = std::time::Duration::from_secs(3600);
+    let (running, _) = start_with(cfg).await;
+    let mut c = client(&running, Some(TOKEN)).await;
+    let job = c.submit_label_job(submit_request(2)).await.unwrap().into_inner().job.unwrap();
+    let mut stream =
+        c.watch_job(v1::WatchJobRequest { job_id: job.job_id.clone() }).await.unwrap().into_inner();
+    // 5 shards × 20 heartbeats: 100 progress updates without a detail.
+    let worker = tokio::spawn(fake_worker_beating(client(&running, Some(TOKEN)).await, "w1", 20));
+    let mut events = Vec::new();
+    while let Some(ev) = stream.message().await.unwrap() {
+        events.push(ev);
+    }
+    assert_eq!(worker.await.unwrap(), 5);
+    let kind = |e: &v1::JobEvent| v1::JobEventKind::try_from(e.kind).unwrap();
+    let plain_progress =
+        events.iter().filter(|e| kind(e) == v1::JobEventKind::Progress && e.detail.is_empty());
+    assert_eq!(plain_progress.count(), 1, "{events:#?}");
+    let commits = events.iter().filter(|e| e.detail.ends_with("committed")).count();
+    assert_eq!(commits, 5, "{events:#?}");
+    let last = events.last().unwrap();
+    assert_eq!(kind(last), v1::JobEventKind::StateChanged);
+    let j = last.job.as_ref().unwrap();
+    assert_eq!((j.state, j.images_done, j.images_total), (v1::JobState::Completed as i32, 8, 8));
     running.shutdown().await.unwrap();
 }
 

@@ -141,8 +141,9 @@ fn layers_against_cpu(dev: &Device) -> candle_core::Result<f32> {
     worst = worst
         .max(layer_parity(dev, "pointwise 320→1280 at 2x2", &[x, w], |v| pointwise_conv(&v[0], &v[1]))?);
     let x = randn(&[4, 1280, 2, 2], 4.0)?;
-    worst = worst.max(layer_parity(dev, "relu6", &[x.clone()], |v| relu6(&v[0]))?);
-    worst = worst.max(layer_parity(dev, "global average pool", &[x.clone()], |v| global_avg_pool(&v[0]))?);
+    worst = worst.max(layer_parity(dev, "relu6", std::slice::from_ref(&x), |v| relu6(&v[0]))?);
+    worst = worst
+        .max(layer_parity(dev, "global average pool", std::slice::from_ref(&x), |v| global_avg_pool(&v[0]))?);
     let (gamma, beta) = ((randn(&[1280], 0.2)? + 1.0)?, randn(&[1280], 0.2)?);
     let bn = |v: &[Tensor]| -> candle_core::Result<Tensor> {
         let dev = v[0].device();
