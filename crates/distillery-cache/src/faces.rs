@@ -106,6 +106,18 @@ pub struct AppendStats {
     pub duplicates: u64,
 }
 
+/// What [`FaceStore::ingest`] or [`FaceStore::synthesize`] did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct IngestTotals {
+    /// The input's counts, with `accepted` = rows this run wrote.
+    #[serde(flatten)]
+    pub report: distillery_data::ingest::IngestReport,
+    /// Faces already in the dataset before this run (re-ingesting adds nothing).
+    pub already_stored: u64,
+    /// The dataset's version afterwards.
+    pub version: u64,
+}
+
 /// A contiguous run of rows of one fragment: the unit of work handed to a teacher worker.
 /// `offset` counts live rows from the start of the fragment.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -156,6 +168,62 @@ pub struct FaceStore {
 }
 
 impl FaceStore {
+    /// Streams an ingest into the store chunk by chunk (faces and their rejects; memory stays
+    /// bounded by one chunk, and what was written before an error stays written), calling
+    /// `on_progress(rows read)` after each chunk.
+    pub async fn ingest(
+        &mut self,
+        mut ingest: distillery_data::ingest::Ingest,
+        mut on_progress: impl FnMut(u64),
+    ) -> Result<IngestTotals> {
+        let (mut accepted, mut already) = (0u64, 0u64);
+        loop {
+            // Reading and decoding a chunk is CPU work: off the async threads.
+            let (chunk, returned) = tokio::task::spawn_blocking(move || (ingest.next(), ingest))
+                .await
+                .map_err(|e| Error::Stream(format!("ingest reader: {e}")))?;
+            ingest = returned;
+            let Some(chunk) = chunk else { break };
+            self.append_rejects(chunk.rejects).await?;
+            let s = self.append(chunk.faces).await?;
+            accepted += s.added;
+            already += s.duplicates;
+            let r = ingest.report();
+            on_progress(r.accepted + r.rejected + r.skipped);
+        }
+        let mut report = ingest.report();
+        report.accepted = accepted;
+        Ok(IngestTotals { report, already_stored: already, version: self.version() })
+    }
+
+    /// Generates `cfg.count` synthetic faces into the store, 512 at a time, calling
+    /// `on_progress(faces generated)` after each batch. Regenerating with the same seed adds
+    /// nothing (the faces are already stored).
+    pub async fn synthesize(
+        &mut self,
+        cfg: &distillery_data::synth::SynthConfig,
+        mut on_progress: impl FnMut(u64),
+    ) -> Result<IngestTotals> {
+        const BATCH: u64 = 512;
+        let (mut added, mut already) = (0u64, 0u64);
+        let mut start = 0u64;
+        while start < cfg.count {
+            let end = (start + BATCH).min(cfg.count);
+            let c = cfg.clone();
+            let records =
+                tokio::task::spawn_blocking(move || distillery_data::synth::generate_batch(&c, start..end))
+                    .await
+                    .map_err(|e| Error::Stream(format!("synthetic faces: {e}")))?;
+            let s = self.append(records).await?;
+            added += s.added;
+            already += s.duplicates;
+            on_progress(end);
+            start = end;
+        }
+        let report = distillery_data::ingest::IngestReport { accepted: added, ..Default::default() };
+        Ok(IngestTotals { report, already_stored: already, version: self.version() })
+    }
+
     /// Opens an existing faces dataset; errors if there is none at `uri`.
     pub async fn open(uri: &str) -> Result<Self> {
         Self::open_with(uri, StorageOptions::new()).await

@@ -13,7 +13,7 @@ pub mod teacher_cache;
 mod util;
 
 pub use error::{Error, Result};
-pub use faces::{AppendStats, FaceStats, FaceStore, MeanStd, ShardRange};
+pub use faces::{AppendStats, FaceStats, FaceStore, IngestTotals, MeanStd, ShardRange};
 pub use stream::{BatchStream, StreamConfig, StreamPosition, ViewSelection, open_stream};
 pub use teacher_cache::{
     CacheOptions, CacheRow, CacheSummary, CleanupStats, CommitOutcome, CompactStats, Coverage,

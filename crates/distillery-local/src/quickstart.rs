@@ -15,7 +15,7 @@ use std::time::Instant;
 use candle_core::{DType, Device, Tensor};
 use distillery_cache::{FaceStore, TeacherCache};
 use distillery_data::Split;
-use distillery_data::synth::{self, SynthConfig};
+use distillery_data::synth::SynthConfig;
 use distillery_models::zoo;
 use distillery_teacher::TeacherSpec;
 use distillery_trainer::TrainConfig;
@@ -280,16 +280,7 @@ pub(crate) fn step(what: &str, reason: impl Into<String>) -> Error {
 pub(crate) async fn synthesise(uri: &str, count: u64, side: u32, seed: u64) -> Result<u64> {
     let cfg = SynthConfig { count, size: side, seed, ..SynthConfig::default() };
     let mut store = FaceStore::create_or_open(uri).await?;
-    let mut start = 0;
-    while start < cfg.count {
-        let end = (start + 1024).min(cfg.count);
-        let c = cfg.clone();
-        let records = tokio::task::spawn_blocking(move || synth::generate_batch(&c, start..end))
-            .await
-            .map_err(|e| step("synthesis", e.to_string()))?;
-        store.append(records).await?;
-        start = end;
-    }
+    store.synthesize(&cfg, |_| {}).await?;
     Ok(store.count().await?)
 }
 

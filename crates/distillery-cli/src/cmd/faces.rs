@@ -4,12 +4,11 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::Context;
-use distillery_cache::FaceStore;
+use distillery_cache::{FaceStore, IngestTotals};
 use distillery_core::ClassSet;
 use distillery_data::Split;
-use distillery_data::ingest::{self, Ingest, IngestReport};
-use distillery_data::synth::{self, SynthConfig};
+use distillery_data::ingest;
+use distillery_data::synth::SynthConfig;
 use serde::Serialize;
 
 use crate::output::{EXIT_NOTHING_USABLE, Format, print_json, print_line};
@@ -124,10 +123,7 @@ fn parse_split(s: &str) -> Result<Split, String> {
 struct IngestSummary {
     uri: String,
     #[serde(flatten)]
-    report: IngestReport,
-    /// Faces already in the dataset before this run (re-ingest adds nothing).
-    already_stored: u64,
-    version: u64,
+    totals: IngestTotals,
 }
 
 pub async fn synth(args: SynthArgs) -> anyhow::Result<ExitCode> {
@@ -135,27 +131,9 @@ pub async fn synth(args: SynthArgs) -> anyhow::Result<ExitCode> {
     cfg.validate()?;
     let mut store = FaceStore::create_or_open(&args.out).await?;
     let progress = Progress::new("synth");
-    let (mut added, mut dup) = (0u64, 0u64);
-    let chunk = 512u64;
-    let mut start = 0u64;
-    while start < cfg.count {
-        let end = (start + chunk).min(cfg.count);
-        let c = cfg.clone();
-        let records = tokio::task::spawn_blocking(move || synth::generate_batch(&c, start..end)).await?;
-        let s = store.append(records).await?;
-        added += s.added;
-        dup += s.duplicates;
-        progress.update(end, cfg.count, "faces");
-        start = end;
-    }
+    let totals = store.synthesize(&cfg, |done| progress.update(done, cfg.count, "faces")).await?;
     progress.finish();
-    let summary = IngestSummary {
-        uri: args.out.clone(),
-        report: IngestReport { accepted: added, rejected: 0, skipped: 0, duplicates: 0 },
-        already_stored: dup,
-        version: store.version(),
-    };
-    report(&summary, args.format)?;
+    report(&IngestSummary { uri: args.out.clone(), totals }, args.format)?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -176,56 +154,26 @@ pub async fn ingest(args: IngestArgs) -> anyhow::Result<ExitCode> {
             (ingest::manifest::open(&file, &opts)?, out, format)
         }
     };
-    let summary = write_ingest(ingest, &out).await?;
+    let mut store = FaceStore::create_or_open(&out).await?;
+    let progress = Progress::new("ingest");
+    let totals = store.ingest(ingest, |rows| progress.update(rows, 0, "rows")).await?;
+    progress.finish();
+    let summary = IngestSummary { uri: out, totals };
     report(&summary, format)?;
-    if summary.report.accepted + summary.already_stored == 0 {
+    if summary.totals.report.accepted + summary.totals.already_stored == 0 {
         tracing::error!("nothing usable: every row was rejected or skipped (see the rejects table)");
         return Ok(ExitCode::from(EXIT_NOTHING_USABLE));
     }
     Ok(ExitCode::SUCCESS)
 }
 
-/// Streams the ingest chunk by chunk into the store: memory stays bounded by one chunk.
-async fn write_ingest(mut ingest: Ingest, uri: &str) -> anyhow::Result<IngestSummary> {
-    let mut store = FaceStore::create_or_open(uri).await?;
-    let progress = Progress::new("ingest");
-    let mut already = 0u64;
-    let mut accepted = 0u64;
-    loop {
-        let (chunk, returned) = tokio::task::spawn_blocking(move || {
-            let c = ingest.next();
-            (c, ingest)
-        })
-        .await?;
-        ingest = returned;
-        let Some(chunk) = chunk else { break };
-        if !chunk.rejects.is_empty() {
-            store.append_rejects(chunk.rejects).await.context("writing rejects")?;
-        }
-        let s = store.append(chunk.faces).await.context("writing faces")?;
-        accepted += s.added;
-        already += s.duplicates;
-        let r = ingest.report();
-        progress.update(r.accepted + r.rejected + r.skipped, 0, "rows");
-    }
-    progress.finish();
-    let mut report = ingest.report();
-    report.accepted = accepted;
-    Ok(IngestSummary { uri: uri.to_owned(), report, already_stored: already, version: store.version() })
-}
-
 fn report(s: &IngestSummary, format: Format) -> anyhow::Result<()> {
+    let (r, t) = (&s.totals.report, &s.totals);
     match format {
         Format::Json | Format::Jsonl => print_json(s),
         Format::Text => print_line(format!(
             "{}: {} accepted, {} rejected, {} skipped, {} duplicates, {} already stored (version {})",
-            s.uri,
-            s.report.accepted,
-            s.report.rejected,
-            s.report.skipped,
-            s.report.duplicates,
-            s.already_stored,
-            s.version
+            s.uri, r.accepted, r.rejected, r.skipped, r.duplicates, t.already_stored, t.version
         )),
     }
 }
