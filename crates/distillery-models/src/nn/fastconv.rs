@@ -204,12 +204,8 @@ unsafe fn unfold_tile(
             for kx in 0..g.kw {
                 let (ox_lo, ox_hi) = ConvGeom::valid(kx, w, wo, g.stride_w, g.pad_w);
                 let row = &mut buf[((ci * g.kh + ky) * g.kw + kx) * nc..][..nc];
-                let mut j = j0;
-                while j < j1 {
-                    let (oy, ox0) = (j / wo, j % wo);
-                    let ox1 = wo.min(ox0 + (j1 - j));
-                    let dst = &mut row[j - j0..j - j0 + (ox1 - ox0)];
-                    j += ox1 - ox0;
+                for (off, oy, (ox0, ox1)) in row_segments(j0..j1, wo) {
+                    let dst = &mut row[off..off + (ox1 - ox0)];
                     if oy < oy_lo || oy >= oy_hi {
                         dst.fill(0.0);
                         continue;
@@ -249,6 +245,25 @@ unsafe fn unfold_tile(
     }
 }
 
+/// The pieces of output positions `cols` (row-major over rows `wo` wide) that lie in one output
+/// row: for each, its offset within `cols`, its row and its columns `ox0..ox1`.
+fn row_segments(
+    cols: std::ops::Range<usize>,
+    wo: usize,
+) -> impl Iterator<Item = (usize, usize, (usize, usize))> {
+    let mut j = cols.start;
+    std::iter::from_fn(move || {
+        if j >= cols.end {
+            return None;
+        }
+        let (oy, ox0) = (j / wo, j % wo);
+        let ox1 = wo.min(ox0 + (cols.end - j));
+        let off = j - cols.start;
+        j += ox1 - ox0;
+        Some((off, oy, (ox0, ox1)))
+    })
+}
+
 /// Computes output positions `cols` (row-major over the `ho×wo` output) of a depthwise
 /// convolution of one `h×w` image into `buf` (`[c, cols.len()]`).
 ///
@@ -275,12 +290,8 @@ unsafe fn depthwise_tile(
         let wk = &dw.weight[c * taps..][..taps];
         let row = &mut buf[c * nc..][..nc];
         row.fill(dw.bias.map_or(0.0, |b| b[c]));
-        let mut j = j0;
-        while j < j1 {
-            let (oy, ox0) = (j / wo, j % wo);
-            let ox1 = wo.min(ox0 + (j1 - j));
-            let dst = &mut row[j - j0..j - j0 + (ox1 - ox0)];
-            j += ox1 - ox0;
+        for (off, oy, (ox0, ox1)) in row_segments(j0..j1, wo) {
+            let dst = &mut row[off..off + (ox1 - ox0)];
             for ky in 0..g.kh {
                 let (oy_lo, oy_hi) = ConvGeom::valid(ky, h, ho, g.stride_h, g.pad_h);
                 if oy < oy_lo || oy >= oy_hi {
