@@ -18,6 +18,7 @@
 
 use std::cell::RefCell;
 
+use super::simd::{self, Vf32, WithLanes};
 use candle_core::{CpuStorage, DType, Device, Result, Storage, Tensor, bail};
 use rayon::prelude::*;
 
@@ -124,12 +125,31 @@ pub struct Extent {
 /// never stored: a depthwise-separable convolution in one pass ([`separable_tensor`]).
 #[derive(Clone, Copy, Debug)]
 pub struct DepthwiseStage<'a> {
+    /// Its shape; `pad_h` and `pad_w` pad the top and left.
     pub geom: ConvGeom,
+    /// Padding of the bottom and right when it differs from the top and left (ONNX allows
+    /// asymmetric pads); `None` pads all sides alike.
+    pub pad_end: Option<(usize, usize)>,
     /// `[c, kh·kw]`.
     pub weight: &'a [f32],
     pub bias: Option<&'a [f32]>,
     /// ReLU after the bias.
     pub relu: bool,
+}
+
+impl DepthwiseStage<'_> {
+    /// Output height and width for an `h×w` input.
+    pub fn out_hw(&self, h: usize, w: usize) -> Result<(usize, usize)> {
+        let g = &self.geom;
+        let Some((pb, pr)) = self.pad_end else { return g.out_hw(h, w) };
+        // The symmetric formula checks the kernel and strides; then the true extent.
+        g.out_hw(h + pb.saturating_sub(g.pad_h), w + pr.saturating_sub(g.pad_w))?;
+        let (ph, pw) = (h + g.pad_h + pb, w + g.pad_w + pr);
+        if ph < g.kh || pw < g.kw {
+            bail!("depthwise conv: padded input {ph}×{pw} is smaller than the kernel {}×{}", g.kh, g.kw);
+        }
+        Ok(((ph - g.kh) / g.stride_h + 1, (pw - g.kw) / g.stride_w + 1))
+    }
 }
 
 /// `n` images of `c` channels of `h×w`, image `i` channel `c` at `ptr + i·img_stride + c·h·w`.
@@ -167,15 +187,24 @@ thread_local! {
 }
 
 /// Output columns per tile: the unfolded tile (`k × cols` floats) should stay within about
-/// 256 KiB (measured best on EmoNet's shapes, between 64 KiB and 1 MiB), and there should be at
-/// least one tile per thread.
+/// 256 KiB (measured best on EmoNet's shapes, between 64 KiB and 1 MiB), there should be at least
+/// one tile per thread, and when there are few tiles their count is a multiple of the threads and
+/// their sizes equal (four tiles of 784 columns rather than three of 1024 and one of 64, which
+/// would leave one of two threads idle for a quarter of the time).
 fn tile_cols(k: usize, hw_out: usize, n: usize, threads: usize) -> usize {
+    let hw_out = hw_out.max(1);
     let mut cols = ((1usize << 16) / k.max(1)).clamp(24, 1024).min(hw_out);
     let per_img = threads.div_ceil(n.max(1));
     if hw_out.div_ceil(cols) < per_img {
         cols = hw_out.div_ceil(per_img).max(16).min(hw_out);
     }
-    cols.max(1)
+    let mut tiles = hw_out.div_ceil(cols);
+    let total = n.max(1) * tiles;
+    if total < 8 * threads && !total.is_multiple_of(threads) {
+        let want = total.next_multiple_of(threads);
+        tiles = want.div_ceil(n.max(1)).min(hw_out.div_ceil(16)).max(tiles);
+    }
+    hw_out.div_ceil(tiles).max(1)
 }
 
 /// Unfolds output positions `cols` (row-major over the `ho×wo` output) of one `h×w` image into
@@ -183,6 +212,7 @@ fn tile_cols(k: usize, hw_out: usize, n: usize, threads: usize) -> usize {
 ///
 /// # Safety
 /// `src` must point at `g.c_in` planes of `h·w` readable floats, and `g.out_hw(h, w)` must be `Ok`.
+#[inline(always)]
 unsafe fn unfold_tile(
     src: *const f32,
     (h, w): (usize, usize),
@@ -247,6 +277,7 @@ unsafe fn unfold_tile(
 
 /// The pieces of output positions `cols` (row-major over rows `wo` wide) that lie in one output
 /// row: for each, its offset within `cols`, its row and its columns `ox0..ox1`.
+#[inline(always)]
 fn row_segments(
     cols: std::ops::Range<usize>,
     wo: usize,
@@ -267,10 +298,16 @@ fn row_segments(
 /// Computes output positions `cols` (row-major over the `ho×wo` output) of a depthwise
 /// convolution of one `h×w` image into `buf` (`[c, cols.len()]`).
 ///
+/// 3×3 kernels (every depthwise layer of the networks we run) take a one-pass path: each output
+/// is `bias + Σ_ky (k₀·a + k₁·b + k₂·c)` over its three input rows, computed 16 at a time over
+/// the columns whose taps all lie inside the image (the edges one by one) and written once,
+/// with the ReLU applied on the way. Other kernels accumulate tap by tap.
+///
 /// # Safety
-/// `src` must point at `dw.geom.c_in` planes of `h·w` readable floats, and `dw.geom.out_hw(h, w)`
-/// must be `Ok`.
-unsafe fn depthwise_tile(
+/// `src` must point at `dw.geom.c_in` planes of `h·w` readable floats, and `dw.out_hw(h, w)` must
+/// be `Ok`.
+#[inline(always)]
+unsafe fn depthwise_tile<V: Vf32>(
     src: *const f32,
     (h, w): (usize, usize),
     dw: &DepthwiseStage<'_>,
@@ -280,16 +317,34 @@ unsafe fn depthwise_tile(
     let g = &dw.geom;
     let (j0, j1) = (cols.start, cols.end);
     let nc = j1 - j0;
-    let ho = (h + 2 * g.pad_h - g.kh) / g.stride_h + 1;
-    let wo = (w + 2 * g.pad_w - g.kw) / g.stride_w + 1;
+    let Ok((ho, wo)) = dw.out_hw(h, w) else { unreachable!("checked by the caller") };
     let taps = g.kh * g.kw;
-    let three_taps = g.kw == 3 && g.stride_w == 1 && g.pad_w == 1 && w >= 2;
+    // Stand-in for rows above or below the image: zeros, as wide as a row.
+    let zeros = if g.kh == 3 && g.kw == 3 { vec![0f32; w] } else { Vec::new() };
     for c in 0..g.c_in {
         // SAFETY: the caller guarantees `c_in` planes of `h·w` floats.
         let plane = unsafe { std::slice::from_raw_parts(src.add(c * h * w), h * w) };
         let wk = &dw.weight[c * taps..][..taps];
+        let bias = dw.bias.map_or(0.0, |b| b[c]);
         let row = &mut buf[c * nc..][..nc];
-        row.fill(dw.bias.map_or(0.0, |b| b[c]));
+        if let Ok(k) = <&[f32; 9]>::try_from(wk)
+            && g.kw == 3
+            && g.stride_w <= 2
+        {
+            for (off, oy, (ox0, ox1)) in row_segments(j0..j1, wo) {
+                let rows: [&[f32]; 3] = std::array::from_fn(|ky| {
+                    let iy = (oy * g.stride_h + ky).wrapping_sub(g.pad_h);
+                    if iy < h { &plane[iy * w..][..w] } else { &zeros[..] }
+                });
+                let out = &mut row[off..off + (ox1 - ox0)];
+                match g.stride_w {
+                    1 => depthwise3x3_row::<V, 1>(out, ox0, rows, k, g.pad_w, bias, dw.relu),
+                    _ => depthwise3x3_row::<V, 2>(out, ox0, rows, k, g.pad_w, bias, dw.relu),
+                }
+            }
+            continue;
+        }
+        row.fill(bias);
         for (off, oy, (ox0, ox1)) in row_segments(j0..j1, wo) {
             let dst = &mut row[off..off + (ox1 - ox0)];
             for ky in 0..g.kh {
@@ -298,29 +353,6 @@ unsafe fn depthwise_tile(
                     continue;
                 }
                 let src_row = &plane[(oy * g.stride_h + ky - g.pad_h) * w..][..w];
-                if three_taps {
-                    // The common 3-wide, stride-1, pad-1 row (output width = input width): all
-                    // three taps in one pass over the interior, the two edges by hand.
-                    let (w0, w1, w2) = (wk[ky * 3], wk[ky * 3 + 1], wk[ky * 3 + 2]);
-                    let (lo, hi) = (ox0.max(1), ox1.min(wo - 1));
-                    if lo < hi {
-                        let out = &mut dst[lo - ox0..hi - ox0];
-                        let taps = src_row[lo - 1..hi - 1]
-                            .iter()
-                            .zip(&src_row[lo..hi])
-                            .zip(&src_row[lo + 1..hi + 1]);
-                        for (o, ((&a, &b), &c)) in out.iter_mut().zip(taps) {
-                            *o += w0 * a + w1 * b + w2 * c;
-                        }
-                    }
-                    if ox0 == 0 {
-                        dst[0] += w1 * src_row[0] + w2 * src_row[1];
-                    }
-                    if ox1 == wo {
-                        dst[wo - 1 - ox0] += w0 * src_row[wo - 2] + w1 * src_row[wo - 1];
-                    }
-                    continue;
-                }
                 for kx in 0..g.kw {
                     let (ox_lo, ox_hi) = ConvGeom::valid(kx, w, wo, g.stride_w, g.pad_w);
                     let (a, b) = (ox_lo.clamp(ox0, ox1), ox_hi.clamp(ox0, ox1));
@@ -345,6 +377,156 @@ unsafe fn depthwise_tile(
         if dw.relu {
             row.iter_mut().for_each(|v| *v = v.max(0.0));
         }
+    }
+}
+
+#[inline(always)]
+fn finish(v: f32, relu: bool) -> f32 {
+    if relu { v.max(0.0) } else { v }
+}
+
+/// Output columns `ox0..ox0 + out.len()` of one row of a 3×3 depthwise convolution with
+/// horizontal stride `S` and `pad`, from its three input rows (zeros for rows outside the image).
+///
+/// Columns whose taps all lie inside the rows go in groups of 16 (one AVX-512 register of f32;
+/// 8 or 4 on narrow rows), the last group overlapping the one before it rather than running a
+/// scalar tail (outputs are written, not accumulated, so computing one twice is harmless). The
+/// image's edge columns are computed one by one.
+#[inline(always)]
+fn depthwise3x3_row<V: Vf32, const S: usize>(
+    out: &mut [f32],
+    ox0: usize,
+    rows: [&[f32]; 3],
+    k: &[f32; 9],
+    pad: usize,
+    bias: f32,
+    relu: bool,
+) {
+    let w = rows[0].len();
+    let ox1 = ox0 + out.len();
+    // Columns with all three taps inside the row: ox·S ≥ pad and ox·S + 2 − pad < w.
+    let lo = pad.div_ceil(S).clamp(ox0, ox1);
+    let hi = if w + pad >= 3 { ((w + pad - 3) / S + 1).clamp(lo, ox1) } else { lo };
+    for ox in (ox0..lo).chain(hi..ox1) {
+        let mut v = bias;
+        for (ky, r) in rows.iter().enumerate() {
+            let mut t = 0.0;
+            for kx in 0..3 {
+                let ix = (ox * S + kx).wrapping_sub(pad);
+                if ix < w {
+                    t += k[ky * 3 + kx] * r[ix];
+                }
+            }
+            v += t;
+        }
+        out[ox - ox0] = finish(v, relu);
+    }
+    if lo == hi {
+        return;
+    }
+    let interior = &mut out[lo - ox0..hi - ox0];
+    // The rows from the first tap of column `lo` on.
+    let rows = rows.map(|r| &r[lo * S - pad..]);
+    // SAFETY: each row holds (interior.len() − 1)·S + 3 columns from its start (all taps of the
+    // interior lie inside it), and `with_lanes` runs this with a register type the CPU has.
+    unsafe {
+        match relu {
+            false => depthwise3x3_groups::<V, S, false>(interior, rows, k, bias),
+            true => depthwise3x3_groups::<V, S, true>(interior, rows, k, bias),
+        }
+    }
+}
+
+/// [`depthwise3x3_row`]'s interior in groups of lanes: registers of `V` while the interior is at
+/// least that wide, else of its halves.
+///
+/// # Safety
+/// Each row holds `(out.len() − 1)·S + 3` columns from its start, the taps of `out[0]` first.
+#[inline(always)]
+unsafe fn depthwise3x3_groups<V: Vf32, const S: usize, const RELU: bool>(
+    out: &mut [f32],
+    rows: [&[f32]; 3],
+    k: &[f32; 9],
+    bias: f32,
+) {
+    type H<V> = <V as Vf32>::Half;
+    let m = out.len();
+    unsafe {
+        if m >= V::LANES {
+            depthwise3x3_lanes::<V, S, RELU>(out, rows, k, bias)
+        } else if m >= H::<V>::LANES {
+            depthwise3x3_lanes::<H<V>, S, RELU>(out, rows, k, bias)
+        } else if m >= H::<H<V>>::LANES {
+            depthwise3x3_lanes::<H<H<V>>, S, RELU>(out, rows, k, bias)
+        } else {
+            depthwise3x3_lanes::<f32, S, RELU>(out, rows, k, bias)
+        }
+    }
+}
+
+/// Lanes of `p[S·l]`.
+///
+/// # Safety
+/// As [`Vf32::load`] (`S` = 1) or [`Vf32::load_even`].
+#[inline(always)]
+unsafe fn load<V: Vf32, const S: usize>(p: *const f32) -> V {
+    unsafe { if S == 1 { V::load(p) } else { V::load_even(p) } }
+}
+
+/// `V::LANES` columns at a time, the last group overlapping the one before it.
+///
+/// # Safety
+/// As [`depthwise3x3_groups`], and `out.len() ≥ V::LANES`.
+#[inline(always)]
+unsafe fn depthwise3x3_lanes<V: Vf32, const S: usize, const RELU: bool>(
+    out: &mut [f32],
+    rows: [&[f32]; 3],
+    k: &[f32; 9],
+    bias: f32,
+) {
+    let (m, lanes) = (out.len(), V::LANES);
+    debug_assert!(m >= lanes && rows.iter().all(|r| r.len() >= (m - 1) * S + 3));
+    unsafe {
+        let mut kv = [V::splat(0.0); 9];
+        for (v, &w) in kv.iter_mut().zip(k) {
+            *v = V::splat(w);
+        }
+        let (b, zero) = (V::splat(bias), V::splat(0.0));
+        let mut x = 0;
+        while x < m {
+            let x0 = x.min(m - lanes);
+            let mut acc = b;
+            for (ky, r) in rows.iter().enumerate() {
+                // Columns x0·S + kx + S·l for lane l: inside the row by the caller's bound.
+                let p = r.as_ptr().add(x0 * S);
+                let (a, b, c) = (load::<V, S>(p), load::<V, S>(p.add(1)), load::<V, S>(p.add(2)));
+                let t = kv[3 * ky].mul(a).add(kv[3 * ky + 1].mul(b));
+                acc = acc.add(t.add(kv[3 * ky + 2].mul(c)));
+            }
+            if RELU {
+                acc = acc.max(zero);
+            }
+            acc.store(out.as_mut_ptr().add(x0));
+            x += lanes;
+        }
+    }
+}
+
+/// [`depthwise_tile`]'s arguments, to run it with the CPU's widest registers.
+struct DepthwiseTile<'a, 'b> {
+    src: *const f32,
+    hw: (usize, usize),
+    dw: &'a DepthwiseStage<'b>,
+    cols: std::ops::Range<usize>,
+    buf: &'a mut [f32],
+}
+
+impl WithLanes for DepthwiseTile<'_, '_> {
+    type Output = ();
+    #[inline(always)]
+    fn run<V: Vf32>(self) {
+        // SAFETY: built by `conv_raw` from planes the caller of `conv_raw` vouched for.
+        unsafe { depthwise_tile::<V>(self.src, self.hw, self.dw, self.cols, self.buf) }
     }
 }
 
@@ -429,9 +611,15 @@ unsafe fn conv_raw(
                     b.resize(k * nc, 0.0);
                 }
                 // SAFETY: `s` points at this image's c_in input planes (of the stage's input).
+                let b = &mut b[..k * nc];
                 match stage {
-                    Some((dw, hw)) => unsafe { depthwise_tile(s, hw, dw, j0..j1, &mut b[..k * nc]) },
-                    None => unsafe { unfold_tile(s, (h, w), g, pre, j0..j1, &mut b[..k * nc]) },
+                    Some((dw, hw)) => {
+                        simd::with_lanes(DepthwiseTile { src: s, hw, dw, cols: j0..j1, buf: b })
+                    }
+                    None => simd::vectorized(
+                        #[inline(always)]
+                        || unsafe { unfold_tile(s, (h, w), g, pre, j0..j1, b) },
+                    ),
                 }
                 product(b.as_ptr(), nc);
             };
@@ -443,16 +631,21 @@ unsafe fn conv_raw(
             });
         }
         if epi.bias.is_some() || epi.relu {
-            for co in 0..g.c_out {
-                // SAFETY: row `co` of this task's tile, owned by this task.
-                let row = unsafe { std::slice::from_raw_parts_mut(d.add(co * hw_out), nc) };
-                let b = epi.bias.map_or(0.0, |b| b[co]);
-                if epi.relu {
-                    row.iter_mut().for_each(|v| *v = (*v + b).max(0.0));
-                } else {
-                    row.iter_mut().for_each(|v| *v += b);
-                }
-            }
+            simd::vectorized(
+                #[inline(always)]
+                || {
+                    for co in 0..g.c_out {
+                        // SAFETY: row `co` of this task's tile, owned by this task.
+                        let row = unsafe { std::slice::from_raw_parts_mut(d.add(co * hw_out), nc) };
+                        let b = epi.bias.map_or(0.0, |b| b[co]);
+                        if epi.relu {
+                            row.iter_mut().for_each(|v| *v = (*v + b).max(0.0));
+                        } else {
+                            row.iter_mut().for_each(|v| *v += b);
+                        }
+                    }
+                },
+            );
         }
     };
     if tiles_in_parallel {
@@ -635,7 +828,7 @@ pub fn separable_tensor(
     if stage.weight.len() != c * dg.kh * dg.kw || stage.bias.is_some_and(|b| b.len() != c) {
         bail!("separable conv: depthwise weights of {} values for {c} channels", stage.weight.len());
     }
-    let (ho, wo) = dg.out_hw(h, w)?;
+    let (ho, wo) = stage.out_hw(h, w)?;
     let Some((mut dst, accumulate)) = output_buffer(&[n, g.c_out, ho, wo], base)? else { return Ok(None) };
     let x = x.contiguous()?;
     let out = cpu_f32(&x, |src| -> Result<()> {
@@ -788,14 +981,99 @@ mod tests {
         assert!(e.contains("overlap"), "{e}");
     }
 
+    /// One output row of a 3×3 depthwise convolution, all columns or a part of them.
+    #[derive(Clone)]
+    struct Row<'a> {
+        rows: [&'a [f32]; 3],
+        k: [f32; 9],
+        stride: usize,
+        pad: usize,
+        cols: std::ops::Range<usize>,
+        relu: bool,
+    }
+
+    impl WithLanes for Row<'_> {
+        type Output = Vec<f32>;
+        fn run<V: Vf32>(self) -> Vec<f32> {
+            let mut out = vec![f32::NAN; self.cols.len()];
+            let (o, r, k, p, b, relu) = (&mut out[..], self.rows, &self.k, self.pad, 0.25, self.relu);
+            match self.stride {
+                1 => depthwise3x3_row::<V, 1>(o, self.cols.start, r, k, p, b, relu),
+                _ => depthwise3x3_row::<V, 2>(o, self.cols.start, r, k, p, b, relu),
+            }
+            out
+        }
+    }
+
+    #[test]
+    fn depthwise_rows_agree_for_every_register_width() {
+        let vals = |n: usize, seed: usize| -> Vec<f32> {
+            (0..n).map(|i| (((i + seed) * 7919 % 211) as f32 - 105.0) / 37.0).collect()
+        };
+        let k: [f32; 9] = std::array::from_fn(|i| (i as f32 - 4.0) / 3.0);
+        for w in [1, 2, 3, 4, 5, 7, 9, 14, 17, 18, 31, 33, 56, 70] {
+            let data = [vals(w, 1), vals(w, 2), vec![0.0; w]];
+            for (stride, pad) in [(1, 1), (1, 0), (1, 2), (2, 0), (2, 1)] {
+                let Some(wo) = (w + 2 * pad + 1).checked_sub(3).map(|d| d / stride + 1) else { continue };
+                for cols in [0..wo, 0..wo / 2, wo / 3..wo] {
+                    let row = Row {
+                        rows: [&data[0], &data[1], &data[2]],
+                        k,
+                        stride,
+                        pad,
+                        cols: cols.clone(),
+                        relu: w % 2 == 0,
+                    };
+                    let want: Vec<f32> = cols
+                        .clone()
+                        .map(|ox| {
+                            let mut v = 0.25f64;
+                            for (ky, r) in data.iter().enumerate() {
+                                for kx in 0..3 {
+                                    let ix = (ox * stride + kx) as isize - pad as isize;
+                                    if (0..w as isize).contains(&ix) {
+                                        v += f64::from(k[ky * 3 + kx]) * f64::from(r[ix as usize]);
+                                    }
+                                }
+                            }
+                            if row.relu { v.max(0.0) as f32 } else { v as f32 }
+                        })
+                        .collect();
+                    let outs = simd::each_level(row);
+                    for got in &outs {
+                        let close =
+                            got.iter().zip(&want).all(|(g, w)| (g - w).abs() <= 1e-4 * w.abs().max(1.0));
+                        assert!(close, "w {w} stride {stride} pad {pad} cols {cols:?}: {got:?} vs {want:?}");
+                        // Same operations in the same order whatever the register width.
+                        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                        assert_eq!(
+                            bits(got),
+                            bits(&outs[0]),
+                            "w {w} stride {stride} pad {pad} cols {cols:?}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
     #[test]
     fn separable_matches_depthwise_then_pointwise() {
-        // n, c, c_out, h, w, k, stride, pad
-        for (case, &[n, c, co, h, w, k, s, p]) in [
-            [2, 5, 7, 9, 8, 3, 1, 1],
-            [1, 6, 4, 11, 7, 3, 2, 1],
-            [3, 16, 24, 40, 40, 3, 1, 1],
-            [1, 3, 2, 6, 6, 5, 2, 0],
+        // n, c, c_out, h, w, k, stride, pad (top, left), pad (bottom, right). Widths cover the
+        // 3×3 kernel's groups of 16, 8, 4 and 1 columns, the image edges and tiles that split rows.
+        for (case, &[n, c, co, h, w, k, s, p, pe]) in [
+            [2, 5, 7, 9, 8, 3, 1, 1, 1],
+            [1, 6, 4, 11, 7, 3, 2, 1, 1],
+            [3, 16, 24, 40, 40, 3, 1, 1, 1],
+            [1, 3, 2, 6, 6, 5, 2, 0, 0],
+            [2, 4, 3, 8, 37, 3, 2, 0, 1],
+            [1, 3, 5, 5, 20, 3, 1, 1, 1],
+            [1, 2, 3, 4, 11, 3, 1, 1, 1],
+            [1, 2, 2, 3, 6, 3, 1, 1, 1],
+            [1, 2, 2, 3, 3, 3, 1, 1, 1],
+            [1, 2, 2, 9, 70, 3, 2, 1, 0],
+            [1, 2, 2, 7, 7, 3, 1, 0, 2],
+            [2, 32, 8, 56, 56, 3, 2, 0, 1],
         ]
         .iter()
         .enumerate()
@@ -815,6 +1093,7 @@ mod tests {
             for (dw_relu, pw_relu) in [(false, false), (true, false), (true, true)] {
                 let stage = DepthwiseStage {
                     geom: ConvGeom::square(c, c, k, s, p),
+                    pad_end: (pe != p).then_some((pe, pe)),
                     weight: &wdv,
                     bias: Some(&bdv),
                     relu: dw_relu,
@@ -827,8 +1106,9 @@ mod tests {
                 };
                 let ours = separable_tensor(&stage, &pw, &x, None).unwrap().unwrap();
                 let f64 = |t: &Tensor| t.to_dtype(DType::F64).unwrap();
-                let mut mid = f64(&x)
-                    .conv2d(&f64(&wd), p, s, 1, c)
+                let xp = x.pad_with_zeros(2, p, pe).unwrap().pad_with_zeros(3, p, pe).unwrap();
+                let mut mid = f64(&xp)
+                    .conv2d(&f64(&wd), 0, s, 1, c)
                     .unwrap()
                     .broadcast_add(&f64(&bd).reshape((1, c, 1, 1)).unwrap())
                     .unwrap();
@@ -854,14 +1134,16 @@ mod tests {
                     let d = max_diff(&ours, &(&want + &base).unwrap().relu().unwrap());
                     assert!(d < 1e-4, "case {case} onto a residual: max diff {d}");
                     assert!(
-                        separable_tensor(&stage, &pw, &x, Some(&x)).unwrap().is_none(),
+                        separable_tensor(&stage, &pw, &x, Some(&randn(&[n, co + 1, 2, 2], seed)))
+                            .unwrap()
+                            .is_none(),
                         "a base of another shape"
                     );
                 }
             }
         }
         let g = ConvGeom::square(4, 4, 3, 1, 1);
-        let stage = DepthwiseStage { geom: g, weight: &[0.0; 36], bias: None, relu: false };
+        let stage = DepthwiseStage { geom: g, pad_end: None, weight: &[0.0; 36], bias: None, relu: false };
         let pw = FusedConv {
             geom: ConvGeom::square(3, 2, 1, 1, 0),
             weight: &[0.0; 6],

@@ -22,6 +22,7 @@ pub mod fastconv;
 #[cfg(test)]
 pub(crate) mod gradcheck;
 pub mod im2col;
+pub mod simd;
 
 use candle_core::{
     CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor, Var, WithDType,

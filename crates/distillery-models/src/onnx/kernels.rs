@@ -16,6 +16,7 @@ use rayon::prelude::*;
 use super::proto::Attrs;
 use crate::cost;
 use crate::nn::fastconv::{self, ConvGeom, DepthwiseStage, Epilogue, FusedConv};
+use crate::nn::simd;
 
 /// ONNX `auto_pad`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -489,7 +490,7 @@ fn separable_fast(
         axes(&[h, wd], &[kh, kw], &s.dw.strides, &s.dw.dilations, &s.dw.pads, s.dw.auto_pad)?
             .try_into()
             .expect("two axes");
-    if ay.dilation != 1 || ax.dilation != 1 || ay.pad_begin != ay.pad_end || ax.pad_begin != ax.pad_end {
+    if ay.dilation != 1 || ax.dilation != 1 {
         return Ok(None);
     }
     let (oh, ow) = (ay.out_floor()?, ax.out_floor()?);
@@ -511,6 +512,8 @@ fn separable_fast(
             pad_h: ay.pad_begin,
             pad_w: ax.pad_begin,
         },
+        pad_end: (ay.pad_begin != ay.pad_end || ax.pad_begin != ax.pad_end)
+            .then_some((ay.pad_end, ax.pad_end)),
         weight: &dh.weight,
         bias: dh.bias.as_deref(),
         relu: s.dw_extras.relu,
@@ -538,11 +541,19 @@ const PAR_MIN: usize = 1 << 14;
 /// for the many small maps of a mobile network at batch 1.
 pub(crate) fn cpu_map(x: &Tensor, f: impl Fn(f32) -> f32 + Sync) -> Option<Result<Tensor>> {
     let v = fastconv::cpu_f32(x, |a| {
+        let mut out = vec![0f32; a.len()];
+        let run = |(o, a): (&mut [f32], &[f32])| {
+            simd::vectorized(
+                #[inline(always)]
+                || o.iter_mut().zip(a).for_each(|(o, &a)| *o = f(a)),
+            )
+        };
         if a.len() < PAR_MIN {
-            a.iter().map(|&v| f(v)).collect::<Vec<f32>>()
+            run((&mut out, a));
         } else {
-            a.par_iter().with_min_len(PAR_MIN / 2).map(|&v| f(v)).collect()
+            out.par_chunks_mut(PAR_MIN / 2).zip(a.par_chunks(PAR_MIN / 2)).for_each(run);
         }
+        out
     })?;
     Some(Tensor::from_vec(v, x.shape(), x.device()))
 }
@@ -555,11 +566,20 @@ pub(crate) fn cpu_zip(x: &Tensor, y: &Tensor, f: impl Fn(f32, f32) -> f32 + Sync
     }
     let v = fastconv::cpu_f32(x, |a| {
         fastconv::cpu_f32(y, |b| {
+            let mut out = vec![0f32; a.len()];
+            let run = |(o, (a, b)): (&mut [f32], (&[f32], &[f32]))| {
+                simd::vectorized(
+                    #[inline(always)]
+                    || o.iter_mut().zip(a.iter().zip(b)).for_each(|(o, (&a, &b))| *o = f(a, b)),
+                )
+            };
             if a.len() < PAR_MIN {
-                a.iter().zip(b).map(|(&a, &b)| f(a, b)).collect::<Vec<f32>>()
+                run((&mut out, (a, b)));
             } else {
-                a.par_iter().zip(b).with_min_len(PAR_MIN / 2).map(|(&a, &b)| f(a, b)).collect()
+                let chunks = a.par_chunks(PAR_MIN / 2).zip(b.par_chunks(PAR_MIN / 2));
+                out.par_chunks_mut(PAR_MIN / 2).zip(chunks).for_each(run);
             }
+            out
         })
     })??;
     Some(Tensor::from_vec(v, x.shape(), x.device()))
