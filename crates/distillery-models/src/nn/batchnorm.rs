@@ -33,16 +33,20 @@ fn slice<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout, op: &str, what: &str) 
     }
 }
 
+/// `(n, c, h·w)` of an `[n, c, …]` input (`[n, c, h·w]` or `[n, c, h, w]`): the op works on the
+/// tensor as it comes, so no reshape (and no graph node with its own gradient) is needed around it.
 fn dims3(l: &Layout, op: &str) -> Result<(usize, usize, usize)> {
     match l.dims() {
-        [a, b, c] => Ok((*a, *b, *c)),
-        d => bail!("{op}: input must be [n, c, h·w], got {d:?}"),
+        [a, b, rest @ ..] if !rest.is_empty() => Ok((*a, *b, rest.iter().product())),
+        d => bail!("{op}: input must be [n, c, h·w] or [n, c, h, w], got {d:?}"),
     }
 }
 
 /// `(x [n,c,hw], γ [c], β [c]) → y`; records the batch statistics for [`BnTrain::stats`].
 struct BnTrain {
     eps: f64,
+    /// Clamp the output to `[0, 6]` (a ReLU6 fused into the same pass and graph node).
+    relu6: bool,
     /// Shared with the caller, which reads the statistics after the forward pass.
     stats: Arc<Mutex<Option<BatchStats>>>,
 }
@@ -78,8 +82,22 @@ impl BnTrain {
             let a = inv_std[ch] * g[ch].to_f64();
             let shift = b[ch].to_f64() - mean[ch] * a;
             let (a, shift) = (T::from_f64(a), T::from_f64(shift));
-            for (yv, xv) in yp.iter_mut().zip(&x[p * hw..(p + 1) * hw]) {
-                *yv = *xv * a + shift;
+            let (zero, six) = (T::zero(), T::from_f64(6.0));
+            if self.relu6 {
+                for (yv, xv) in yp.iter_mut().zip(&x[p * hw..(p + 1) * hw]) {
+                    let v = *xv * a + shift;
+                    *yv = if v > six {
+                        six
+                    } else if v > zero {
+                        v
+                    } else {
+                        zero
+                    };
+                }
+            } else {
+                for (yv, xv) in yp.iter_mut().zip(&x[p * hw..(p + 1) * hw]) {
+                    *yv = *xv * a + shift;
+                }
             }
         });
         *self.stats.lock().expect("stats lock") = Some(BatchStats { mean, var, inv_std, count: n * hw });
@@ -129,7 +147,7 @@ impl CustomOp3 for BnTrain {
         x: &Tensor,
         gamma: &Tensor,
         _beta: &Tensor,
-        _res: &Tensor,
+        res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let Some(stats) = self.stats.lock().expect("stats lock").clone() else {
@@ -137,7 +155,9 @@ impl CustomOp3 for BnTrain {
         };
         let gamma = gamma.to_dtype(DType::F64)?.to_vec1::<f64>()?;
         let op = BnTrainBwd { stats, gamma, reductions: Mutex::new(None) };
-        let dx = x.apply_op2_no_bwd(&grad.contiguous()?, &op)?;
+        // Through the fused ReLU6 first: the gradient passes where 0 < y < 6.
+        let grad = if self.relu6 { super::relu6_grad(res, grad)? } else { grad.contiguous()? };
+        let dx = x.apply_op2_no_bwd(&grad, &op)?;
         let Some((dgamma, dbeta)) = op.reductions.lock().expect("reductions lock").take() else {
             bail!("{}: backward produced no parameter gradients", self.name());
         };
@@ -231,16 +251,18 @@ impl CustomOp2 for BnTrainBwd {
     }
 }
 
-/// Training-mode batch norm of `x3 [n, c, h·w]` with affine `gamma`, `beta` (`[c]`), on CPU.
-/// Returns the output and the batch statistics (for the running averages).
+/// Training-mode batch norm of `x3` (`[n, c, h·w]` or `[n, c, h, w]`) with affine `gamma`, `beta`
+/// (`[c]`), on CPU, followed by a ReLU6 when `relu6`. Returns the output and the batch statistics
+/// (for the running averages).
 pub fn batch_norm_train_cpu(
     x3: &Tensor,
     gamma: &Tensor,
     beta: &Tensor,
     eps: f64,
+    relu6: bool,
 ) -> Result<(Tensor, BatchStats)> {
     let slot = Arc::new(Mutex::new(None));
-    let op = BnTrain { eps, stats: slot.clone() };
+    let op = BnTrain { eps, relu6, stats: slot.clone() };
     let y = x3.contiguous()?.apply_op3(&gamma.contiguous()?, &beta.contiguous()?, op)?;
     let Some(stats) = slot.lock().expect("stats lock").clone() else {
         bail!("batch-norm-train: forward produced no statistics");

@@ -2,8 +2,9 @@
 //!
 //! - [`DepthwiseConv3x3`]: a hand-written op (see [`depthwise`]); candle's grouped convolution is
 //!   an order of magnitude slower in backward.
-//! - [`Pointwise`]: 1×1 convolution as a batched matmul over the `[n, c, h·w]` view; its backward
-//!   is matmul's, which is ~4× faster than candle's conv backward.
+//! - [`Pointwise`]: 1×1 convolution as gemms over the `[n, c, h·w]` view, forward and both
+//!   gradients (see [`pointwise`]); on other devices a batched matmul, whose backward is ~4×
+//!   faster than candle's conv backward.
 //! - [`Conv2d`]: the remaining (stem, ResNet, tiny) convolutions, computed on CPU as `W · im2col(x)`
 //!   (see [`im2col`]): candle's direct convolution backward is tens of times slower than its
 //!   forward, and fails for stride 2 when height and width differ in parity. Other devices use
@@ -22,6 +23,7 @@ pub mod fastconv;
 #[cfg(test)]
 pub(crate) mod gradcheck;
 pub mod im2col;
+pub mod pointwise;
 pub mod simd;
 
 use candle_core::{
@@ -140,7 +142,10 @@ pub fn pointwise_conv(x: &Tensor, weight: &Tensor) -> Result<Tensor> {
         bail!("pointwise-conv: weight {:?} does not fit input with {c_in} channels", weight.dims());
     }
     cost::record(cost::conv2d_macs(&[n, c_out, h, w], c_in, 1, 1));
-    // The weight is broadcast with a zero batch stride, which candle's CPU matmul takes as is
+    if cpu_kernels(x) && matches!(x.dtype(), DType::F32 | DType::F64) && weight.dtype() == x.dtype() {
+        return x.contiguous()?.apply_op2(&weight.contiguous()?, pointwise::PwFwd);
+    }
+    // Elsewhere: the weight is broadcast with a zero batch stride, which candle's CPU matmul takes as is
     // (no copy); its gradient is summed over the batch by the broadcast's backward.
     let w2 = weight.reshape((c_out, c_in))?.broadcast_as((n, c_out, c_in))?;
     let x3 = x.reshape((n, c_in, h * w))?;
@@ -214,18 +219,24 @@ impl BatchNorm2d {
         Ok((y, mean.detach().flatten_all()?, var.detach().flatten_all()?))
     }
 
-    fn forward_train(&self, x3: &Tensor) -> Result<Tensor> {
-        let (n, _, hw) = x3.dims3()?;
-        let m = (n * hw) as f64;
+    /// Training batch norm of `x [n, c, h, w]`, then ReLU6 when `relu6`.
+    fn forward_train(&self, x: &Tensor, relu6: bool) -> Result<Tensor> {
+        let (n, c, h, w) = x.dims4()?;
+        let m = (n * h * w) as f64;
         if m < 2.0 {
-            bail!("batch-norm: training needs more than one value per channel, got {n}×{hw}");
+            bail!("batch-norm: training needs more than one value per channel, got {n}×{}", h * w);
         }
-        let (y, mean, var) = if cpu_kernels(x3) {
-            let (y, st) = batchnorm::batch_norm_train_cpu(x3, &self.weight, &self.bias, self.eps)?;
-            let dev = x3.device();
+        let (y, mean, var) = if cpu_kernels(x) {
+            // The fused op takes the 4-D tensor as is (and the ReLU6 with it): no reshape or
+            // activation nodes whose gradients autograd would have to materialise and add up.
+            let (y, st) = batchnorm::batch_norm_train_cpu(x, &self.weight, &self.bias, self.eps, relu6)?;
+            let dev = x.device();
             (y, Tensor::new(st.mean, dev)?, Tensor::new(st.var, dev)?)
         } else {
-            self.train_composed(x3)?
+            // Reductions over the last dim are candle's fast path: work on [n, c, h·w].
+            let (y, mean, var) = self.train_composed(&x.reshape((n, c, h * w))?)?;
+            let y = y.reshape((n, c, h, w))?;
+            (if relu6 { self::relu6(&y)? } else { y }, mean, var)
         };
         let dtype = self.running_mean.dtype();
         let mom = self.momentum;
@@ -237,16 +248,24 @@ impl BatchNorm2d {
         Ok(y)
     }
 
+    /// `relu6(self.forward_t(x, train))`, fused into one op when training on the CPU.
+    pub fn forward_relu6_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let c = x.dim(1)?;
+        if train && self.weight.dims() == [c] {
+            return self.forward_train(x, true);
+        }
+        relu6(&self.forward_t(x, train)?)
+    }
+
     pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         let (n, c, h, w) = x.dims4()?;
         if self.weight.dims() != [c] {
             bail!("batch-norm: input has {c} channels, layer expects {}", self.weight.dim(0)?);
         }
-        // Work on the [n, c, h·w] view: reductions over the last dim are candle's fast path.
-        let x3 = x.reshape((n, c, h * w))?;
         if train {
-            return self.forward_train(&x3)?.reshape((n, c, h, w));
+            return self.forward_train(x, false);
         }
+        let x3 = x.reshape((n, c, h * w))?;
         let shift = self.running_mean.as_detached_tensor().reshape((1, c, 1))?;
         let inv_std =
             (self.running_var.as_detached_tensor().reshape((1, c, 1))? + self.eps)?.sqrt()?.recip()?;
@@ -345,6 +364,11 @@ pub fn relu6(x: &Tensor) -> Result<Tensor> {
         return x.clamp(0f32, 6f32);
     }
     x.contiguous()?.apply_op1(Relu6)
+}
+
+/// `grad · [0 < res < 6]` for a ReLU6 output `res` (no graph node: for use inside backward passes).
+pub(crate) fn relu6_grad(res: &Tensor, grad: &Tensor) -> Result<Tensor> {
+    res.contiguous()?.apply_op2_no_bwd(&grad.contiguous()?, &Relu6Bwd)
 }
 
 const PAR_CHUNK: usize = 1 << 15;
@@ -464,6 +488,32 @@ mod tests {
     }
 
     #[test]
+    fn pointwise_kernels_match_the_matmul_form_on_tiled_shapes() -> Result<()> {
+        // Shapes that split columns into tiles (one image), and output channels into blocks.
+        for (n, c_in, c_out, h, w) in [(1, 24, 40, 19, 23), (5, 7, 33, 6, 5), (2, 16, 8, 1, 1)] {
+            let x = Var::from_tensor(&rand_var((n, c_in, h, w), 7)?.to_dtype(DType::F32)?)?;
+            let k = Var::from_tensor(&rand_var((c_out, c_in, 1, 1), 8)?.to_dtype(DType::F32)?)?;
+            let r = Tensor::from_vec(pseudo_random(n * c_out * h * w, 9), (n, c_out, h, w), &Device::Cpu)?
+                .to_dtype(DType::F32)?;
+            let run = || -> Result<(Tensor, Tensor, Tensor)> {
+                let y = pointwise_conv(&x, &k)?;
+                let g = (&y * &r)?.sum_all()?.backward()?;
+                Ok((y, g.get(&x).expect("x grad").clone(), g.get(&k).expect("k grad").clone()))
+            };
+            let ours = run()?;
+            let theirs = with_portable_layers(run)?;
+            for (name, a, b) in
+                [("y", &ours.0, &theirs.0), ("dx", &ours.1, &theirs.1), ("dk", &ours.2, &theirs.2)]
+            {
+                let scale = b.abs()?.max_all()?.to_scalar::<f32>()?.max(1.0);
+                let d = (a - b)?.abs()?.max_all()?.to_scalar::<f32>()? / scale;
+                assert!(d < 1e-5, "{n}×{c_in}→{c_out} at {h}×{w}: {name} differs by {d}");
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
     fn conv2d_gradchecks_and_records_macs() -> Result<()> {
         let vm = VarMap::new();
         let conv = Conv2d::new(2, 3, 3, 2, 1, true, vb64(&vm).pp("c"))?;
@@ -516,11 +566,34 @@ mod tests {
         let v = vm.data().lock().unwrap()["weight"].clone();
         v.set(&Tensor::from_vec(pseudo_random(3, 13), 3, &Device::Cpu)?)?;
         let x = rand_var((2, 3, 5), 14)?;
-        let fused = bn.forward_train(&x)?;
+        let fused = bn.forward_train(&x.reshape((2, 3, 5, 1))?, false)?.reshape((2, 3, 5))?;
         let composed = bn.train_composed(&x)?.0;
         let d = (fused - composed)?.abs()?.max_all()?.to_scalar::<f64>()?;
         assert!(d < 1e-12, "fused and composed batch norm differ by {d}");
         check_grads(&[&x, &v], 1e-6, 1e-6, |a| Ok(bn.train_composed(&a[0])?.0))
+    }
+
+    #[test]
+    fn batchnorm_relu6_fused_gradchecks_and_matches_the_composition() -> Result<()> {
+        let vm = VarMap::new();
+        let bn = BatchNorm2d::new(3, vb64(&vm))?;
+        // γ and β wide enough that outputs fall below 0 and above 6, where the ReLU6 cuts.
+        for (name, vals) in [("weight", [4.0, -5.0, 3.0]), ("bias", [2.0, 3.0, 1.0])] {
+            let v = vm.data().lock().unwrap()[name].clone();
+            v.set(&Tensor::new(&vals, &Device::Cpu)?)?;
+        }
+        let x = rand_var((3, 3, 2, 3), 21)?;
+        let fused = bn.forward_relu6_t(&x, true)?;
+        let composed = with_portable_layers(|| relu6(&bn.forward_t(&x, true)?))?;
+        let d = (&fused - &composed)?.abs()?.max_all()?.to_scalar::<f64>()?;
+        assert!(d < 1e-12, "fused and composed batch norm + ReLU6 differ by {d}");
+        let cut = fused.flatten_all()?.to_vec1::<f64>()?;
+        assert!(cut.contains(&0.0) && cut.contains(&6.0), "{cut:?}");
+        let mut vars: Vec<Var> =
+            ["weight", "bias"].iter().map(|k| vm.data().lock().unwrap()[*k].clone()).collect();
+        vars.push(x);
+        let refs: Vec<&Var> = vars.iter().collect();
+        check_grads(&refs, 1e-6, 1e-6, |v| bn.forward_relu6_t(&v[2], true))
     }
 
     #[test]

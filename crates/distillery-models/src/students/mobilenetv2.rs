@@ -10,7 +10,7 @@
 use candle_core::{Result, Tensor};
 use candle_nn::VarBuilder;
 
-use crate::nn::{BatchNorm2d, Conv2d, DepthwiseConv3x3, Pointwise, global_avg_pool, relu6};
+use crate::nn::{BatchNorm2d, Conv2d, DepthwiseConv3x3, Pointwise, global_avg_pool};
 use crate::student::{Heads, Student, StudentOutput, StudentSpec, check_input};
 
 /// Expansion `t`, output channels `c`, repeats `n`, first stride `s` (the paper's Table 2).
@@ -65,10 +65,10 @@ impl InvertedResidual {
 
     fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         let h = match &self.expand {
-            Some((pw, bn)) => relu6(&bn.forward_t(&pw.forward(x)?, train)?)?,
+            Some((pw, bn)) => bn.forward_relu6_t(&pw.forward(x)?, train)?,
             None => x.clone(),
         };
-        let h = relu6(&self.dw_bn.forward_t(&self.dw.forward(&h)?, train)?)?;
+        let h = self.dw_bn.forward_relu6_t(&self.dw.forward(&h)?, train)?;
         let h = self.project_bn.forward_t(&self.project.forward(&h)?, train)?;
         if self.residual { h + x } else { Ok(h) }
     }
@@ -120,11 +120,11 @@ impl Student for MobileNetV2 {
 
     fn forward_t(&self, x: &Tensor, train: bool) -> Result<StudentOutput> {
         check_input(&self.spec, x)?;
-        let mut h = relu6(&self.stem_bn.forward_t(&self.stem.forward(x)?, train)?)?;
+        let mut h = self.stem_bn.forward_relu6_t(&self.stem.forward(x)?, train)?;
         for b in &self.blocks {
             h = b.forward_t(&h, train)?;
         }
-        let h = relu6(&self.last_bn.forward_t(&self.last.forward(&h)?, train)?)?;
+        let h = self.last_bn.forward_relu6_t(&self.last.forward(&h)?, train)?;
         self.heads.forward_t(global_avg_pool(&h)?, train)
     }
 }
