@@ -10,10 +10,11 @@
 use std::sync::{Arc, Mutex};
 
 use candle_core::{
-    CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, WithDType,
-    backend::BackendStorage, bail,
+    CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, WithDType, backend::BackendStorage, bail,
 };
 use rayon::prelude::*;
+
+use super::simd;
 
 /// Per-channel statistics of one training batch.
 #[derive(Clone, Debug, Default)]
@@ -58,19 +59,15 @@ impl BnTrain {
             .into_par_iter()
             .map(|ch| {
                 let planes = || (0..n).map(|i| &x[(i * c + ch) * hw..(i * c + ch + 1) * hw]);
-                let sum: f64 = planes().map(|p| p.iter().map(|v| v.to_f64()).sum::<f64>()).sum();
-                let mean = sum / m;
-                let ss: f64 = planes()
-                    .map(|p| {
-                        p.iter()
-                            .map(|v| {
-                                let d = v.to_f64() - mean;
-                                d * d
-                            })
-                            .sum::<f64>()
-                    })
-                    .sum();
-                (mean, ss / m)
+                simd::vectorized(
+                    #[inline(always)]
+                    || {
+                        let sum: f64 = planes().map(|p| lane_sum(p, 0.0, |v| v)).sum();
+                        let mean = sum / m;
+                        let ss: f64 = planes().map(|p| lane_sum(p, mean, |d| d * d)).sum();
+                        (mean, ss / m)
+                    },
+                )
             })
             .collect();
         let mean: Vec<f64> = per_channel.iter().map(|p| p.0).collect();
@@ -83,22 +80,28 @@ impl BnTrain {
             let shift = b[ch].to_f64() - mean[ch] * a;
             let (a, shift) = (T::from_f64(a), T::from_f64(shift));
             let (zero, six) = (T::zero(), T::from_f64(6.0));
-            if self.relu6 {
-                for (yv, xv) in yp.iter_mut().zip(&x[p * hw..(p + 1) * hw]) {
-                    let v = *xv * a + shift;
-                    *yv = if v > six {
-                        six
-                    } else if v > zero {
-                        v
+            let xp = &x[p * hw..(p + 1) * hw];
+            simd::vectorized(
+                #[inline(always)]
+                || {
+                    if self.relu6 {
+                        for (yv, xv) in yp.iter_mut().zip(xp) {
+                            let v = *xv * a + shift;
+                            *yv = if v > six {
+                                six
+                            } else if v > zero {
+                                v
+                            } else {
+                                zero
+                            };
+                        }
                     } else {
-                        zero
-                    };
-                }
-            } else {
-                for (yv, xv) in yp.iter_mut().zip(&x[p * hw..(p + 1) * hw]) {
-                    *yv = *xv * a + shift;
-                }
-            }
+                        for (yv, xv) in yp.iter_mut().zip(xp) {
+                            *yv = *xv * a + shift;
+                        }
+                    }
+                },
+            )
         });
         *self.stats.lock().expect("stats lock") = Some(BatchStats { mean, var, inv_std, count: n * hw });
         y
@@ -154,10 +157,9 @@ impl CustomOp3 for BnTrain {
             bail!("{}: backward before forward", self.name());
         };
         let gamma = gamma.to_dtype(DType::F64)?.to_vec1::<f64>()?;
-        let op = BnTrainBwd { stats, gamma, reductions: Mutex::new(None) };
-        // Through the fused ReLU6 first: the gradient passes where 0 < y < 6.
-        let grad = if self.relu6 { super::relu6_grad(res, grad)? } else { grad.contiguous()? };
-        let dx = x.apply_op2_no_bwd(&grad, &op)?;
+        let op = BnTrainBwd { stats, gamma, relu6: self.relu6, reductions: Mutex::new(None) };
+        // With the ReLU6 fused, the output tells where the gradient passes (0 < y < 6).
+        let dx = x.apply_op3_no_bwd(&grad.contiguous()?, &res.contiguous()?, &op)?;
         let Some((dgamma, dbeta)) = op.reductions.lock().expect("reductions lock").take() else {
             bail!("{}: backward produced no parameter gradients", self.name());
         };
@@ -169,30 +171,76 @@ impl CustomOp3 for BnTrain {
     }
 }
 
-/// `(x, grad) → ∂x`, leaving `(∂γ, ∂β)` in `reductions`.
+/// `(x, grad, y) → ∂x`, leaving `(∂γ, ∂β)` in `reductions`. With `relu6`, `y` is the clamped
+/// output and the gradient counts only where `0 < y < 6`; otherwise `y` is not read.
 struct BnTrainBwd {
     stats: BatchStats,
     gamma: Vec<f64>,
+    relu6: bool,
     reductions: Mutex<Option<(Vec<f64>, Vec<f64>)>>,
 }
 
+/// Partial sums per lane: independent accumulators LLVM can keep in one vector register, where a
+/// single running sum would make every addition wait for the one before.
+const SUM_LANES: usize = 8;
+
+/// `Σ f(v − shift)` over `p`, in f64.
+#[inline(always)]
+fn lane_sum<T: WithDType>(p: &[T], shift: f64, f: impl Fn(f64) -> f64) -> f64 {
+    let mut acc = [0f64; SUM_LANES];
+    let chunks = p.chunks_exact(SUM_LANES);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for (a, v) in acc.iter_mut().zip(c) {
+            *a += f(v.to_f64() - shift);
+        }
+    }
+    acc.iter().sum::<f64>() + rest.iter().map(|v| f(v.to_f64() - shift)).sum::<f64>()
+}
+
+/// The gradient where it passes a fused ReLU6 (`0 < y < 6`), else zero.
+#[inline(always)]
+fn passed<T: WithDType>(g: T, y: T, relu6: bool) -> T {
+    if !relu6 || (y > T::zero() && y < T::from_f64(6.0)) { g } else { T::zero() }
+}
+
 impl BnTrainBwd {
-    fn run<T: WithDType>(&self, x: &[T], g: &[T], (n, c, hw): (usize, usize, usize)) -> Vec<T> {
+    fn run<T: WithDType>(&self, x: &[T], g: &[T], y: &[T], (n, c, hw): (usize, usize, usize)) -> Vec<T> {
         let st = &self.stats;
+        let relu6 = self.relu6;
         let red: Vec<(f64, f64)> = (0..c)
             .into_par_iter()
             .map(|ch| {
-                let (mean, inv) = (st.mean[ch], st.inv_std[ch]);
+                let mean = st.mean[ch];
                 let (mut dg, mut db) = (0.0, 0.0);
                 for i in 0..n {
                     let r = (i * c + ch) * hw..(i * c + ch + 1) * hw;
-                    for (xv, gv) in x[r.clone()].iter().zip(&g[r]) {
-                        let gv = gv.to_f64();
-                        db += gv;
-                        dg += gv * (xv.to_f64() - mean) * inv;
-                    }
+                    let (xp, gp, yp) = (&x[r.clone()], &g[r.clone()], &y[r]);
+                    // Σ g·(x − μ) and Σ g in lanes of partial sums, as in `lane_sum`.
+                    simd::vectorized(
+                        #[inline(always)]
+                        || {
+                            let (mut ag, mut ab) = ([0f64; SUM_LANES], [0f64; SUM_LANES]);
+                            let mut i = 0;
+                            while i + SUM_LANES <= xp.len() {
+                                for l in 0..SUM_LANES {
+                                    let gv = passed(gp[i + l], yp[i + l], relu6).to_f64();
+                                    ab[l] += gv;
+                                    ag[l] += gv * (xp[i + l].to_f64() - mean);
+                                }
+                                i += SUM_LANES;
+                            }
+                            for j in i..xp.len() {
+                                let gv = passed(gp[j], yp[j], relu6).to_f64();
+                                db += gv;
+                                dg += gv * (xp[j].to_f64() - mean);
+                            }
+                            db += ab.iter().sum::<f64>();
+                            dg += ag.iter().sum::<f64>();
+                        },
+                    );
                 }
-                (dg, db)
+                (dg * st.inv_std[ch], db)
             })
             .collect();
         let m = st.count as f64;
@@ -207,9 +255,15 @@ impl BnTrainBwd {
             let e = -k * db / m - bx * mean;
             let (k, bx, e) = (T::from_f64(k), T::from_f64(bx), T::from_f64(e));
             let r = p * hw..(p + 1) * hw;
-            for ((d, xv), gv) in dp.iter_mut().zip(&x[r.clone()]).zip(&g[r]) {
-                *d = k * *gv + bx * *xv + e;
-            }
+            let (xp, gp, yp) = (&x[r.clone()], &g[r.clone()], &y[r]);
+            simd::vectorized(
+                #[inline(always)]
+                || {
+                    for (((d, xv), gv), yv) in dp.iter_mut().zip(xp).zip(gp).zip(yp) {
+                        *d = k * passed(*gv, *yv, relu6) + bx * *xv + e;
+                    }
+                },
+            )
         });
         *self.reductions.lock().expect("reductions lock") =
             Some((red.iter().map(|r| r.0).collect(), red.iter().map(|r| r.1).collect()));
@@ -217,7 +271,7 @@ impl BnTrainBwd {
     }
 }
 
-impl CustomOp2 for BnTrainBwd {
+impl CustomOp3 for BnTrainBwd {
     fn name(&self) -> &'static str {
         "batch-norm-train-grad"
     }
@@ -228,21 +282,31 @@ impl CustomOp2 for BnTrainBwd {
         l1: &Layout,
         s2: &CpuStorage,
         l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let d = dims3(l1, self.name())?;
-        if l1.shape() != l2.shape() {
-            bail!("{}: input {:?} and grad {:?} differ", self.name(), l1.dims(), l2.dims());
+        if l1.shape() != l2.shape() || l1.shape() != l3.shape() {
+            bail!(
+                "{}: input {:?}, grad {:?} and output {:?} differ",
+                self.name(),
+                l1.dims(),
+                l2.dims(),
+                l3.dims()
+            );
         }
         let name = self.name();
         let out = match s1.dtype() {
             DType::F32 => CpuStorage::F32(self.run(
                 slice::<f32>(s1, l1, name, "input")?,
                 slice::<f32>(s2, l2, name, "grad")?,
+                slice::<f32>(s3, l3, name, "output")?,
                 d,
             )),
             DType::F64 => CpuStorage::F64(self.run(
                 slice::<f64>(s1, l1, name, "input")?,
                 slice::<f64>(s2, l2, name, "grad")?,
+                slice::<f64>(s3, l3, name, "output")?,
                 d,
             )),
             dt => bail!("{name}: unsupported dtype {dt:?} (f32 or f64)"),

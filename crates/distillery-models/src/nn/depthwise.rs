@@ -51,6 +51,7 @@ fn ox_range(kx: usize, stride: usize, w: usize, wo: usize) -> (usize, usize) {
     (lo, hi.max(lo))
 }
 
+#[inline(always)]
 fn fwd_plane<T: WithDType>(x: &[T], k: &[T], y: &mut [T], h: usize, w: usize, s: usize) {
     let wo = out_side(w, s);
     let ho = out_side(h, s);
@@ -84,6 +85,7 @@ fn fwd_plane<T: WithDType>(x: &[T], k: &[T], y: &mut [T], h: usize, w: usize, s:
     }
 }
 
+#[inline(always)]
 fn bwd_input_plane<T: WithDType>(gy: &[T], k: &[T], gx: &mut [T], h: usize, w: usize, s: usize) {
     let wo = out_side(w, s);
     let ho = out_side(h, s);
@@ -116,6 +118,27 @@ fn bwd_input_plane<T: WithDType>(gy: &[T], k: &[T], gx: &mut [T], h: usize, w: u
     }
 }
 
+/// `Σ a·b` in eight interleaved partial sums (independent additions vectorise; one running sum
+/// would make each wait for the last).
+#[inline(always)]
+fn dot<T: WithDType>(a: &[T], b: &[T]) -> T {
+    const L: usize = 8;
+    let mut acc = [T::zero(); L];
+    let (ca, cb) = (a.chunks_exact(L), b.chunks_exact(L));
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for l in 0..L {
+            acc[l] += x[l] * y[l];
+        }
+    }
+    let mut sum = T::zero();
+    for (x, y) in ra.iter().zip(rb) {
+        sum += *x * *y;
+    }
+    acc.iter().fold(sum, |s, v| s + *v)
+}
+
+#[inline(always)]
 fn bwd_weight_plane<T: WithDType>(x: &[T], gy: &[T], gk: &mut [T; 9], h: usize, w: usize, s: usize) {
     let wo = out_side(w, s);
     let ho = out_side(h, s);
@@ -131,9 +154,7 @@ fn bwd_weight_plane<T: WithDType>(x: &[T], gy: &[T], gk: &mut [T; 9], h: usize, 
                 let (lo, hi) = ox_range(kx, s, w, wo);
                 let mut acc = T::zero();
                 if s == 1 {
-                    for (xv, gv) in xrow[lo + kx - 1..hi + kx - 1].iter().zip(&grow[lo..hi]) {
-                        acc += *xv * *gv;
-                    }
+                    acc = dot(&xrow[lo + kx - 1..hi + kx - 1], &grow[lo..hi]);
                 } else {
                     for (ox, gv) in grow.iter().enumerate().take(hi).skip(lo) {
                         acc += xrow[ox * s + kx - 1] * *gv;
@@ -166,7 +187,11 @@ impl DwFwd {
         let mut y = vec![T::zero(); n * c * ho * wo];
         y.par_chunks_mut(ho * wo).enumerate().for_each(|(p, yp)| {
             let ch = p % c;
-            fwd_plane(&xs[p * h * w..(p + 1) * h * w], &ks[ch * 9..ch * 9 + 9], yp, h, w, self.stride);
+            let (x, k) = (&xs[p * h * w..(p + 1) * h * w], &ks[ch * 9..ch * 9 + 9]);
+            super::simd::vectorized(
+                #[inline(always)]
+                || fwd_plane(x, k, yp, h, w, self.stride),
+            );
         });
         Ok((y, Shape::from((n, c, ho, wo))))
     }
@@ -232,13 +257,10 @@ impl DwBwdInput {
         let mut gx = vec![T::zero(); n * c * h * w];
         gx.par_chunks_mut(h * w).enumerate().for_each(|(p, gp)| {
             let ch = p % c;
-            bwd_input_plane(
-                &gs[p * ho * wo..(p + 1) * ho * wo],
-                &ks[ch * 9..ch * 9 + 9],
-                gp,
-                h,
-                w,
-                self.stride,
+            let (g, k) = (&gs[p * ho * wo..(p + 1) * ho * wo], &ks[ch * 9..ch * 9 + 9]);
+            super::simd::vectorized(
+                #[inline(always)]
+                || bwd_input_plane(g, k, gp, h, w, self.stride),
             );
         });
         Ok((gx, Shape::from((n, c, h, w))))
@@ -293,17 +315,16 @@ impl DwBwdWeight {
         let mut gk = vec![T::zero(); c * 9];
         gk.par_chunks_mut(9).enumerate().for_each(|(ch, gc)| {
             let mut acc = [T::zero(); 9];
-            for b in 0..n {
-                let p = b * c + ch;
-                bwd_weight_plane(
-                    &xs[p * h * w..(p + 1) * h * w],
-                    &gs[p * ho * wo..(p + 1) * ho * wo],
-                    &mut acc,
-                    h,
-                    w,
-                    self.stride,
-                );
-            }
+            super::simd::vectorized(
+                #[inline(always)]
+                || {
+                    for b in 0..n {
+                        let p = b * c + ch;
+                        let (x, g) = (&xs[p * h * w..(p + 1) * h * w], &gs[p * ho * wo..(p + 1) * ho * wo]);
+                        bwd_weight_plane(x, g, &mut acc, h, w, self.stride);
+                    }
+                },
+            );
             gc.copy_from_slice(&acc);
         });
         Ok((gk, Shape::from((c, 1, 3, 3))))

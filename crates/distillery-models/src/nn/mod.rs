@@ -366,11 +366,6 @@ pub fn relu6(x: &Tensor) -> Result<Tensor> {
     x.contiguous()?.apply_op1(Relu6)
 }
 
-/// `grad · [0 < res < 6]` for a ReLU6 output `res` (no graph node: for use inside backward passes).
-pub(crate) fn relu6_grad(res: &Tensor, grad: &Tensor) -> Result<Tensor> {
-    res.contiguous()?.apply_op2_no_bwd(&grad.contiguous()?, &Relu6Bwd)
-}
-
 const PAR_CHUNK: usize = 1 << 15;
 
 struct Relu6;
@@ -382,18 +377,26 @@ fn relu6_map<T: WithDType>(x: &[T]) -> Vec<T> {
     let six = T::from_f64(6.0);
     let mut y = vec![T::zero(); x.len()];
     y.par_chunks_mut(PAR_CHUNK).zip(x.par_chunks(PAR_CHUNK)).for_each(|(yc, xc)| {
-        for (yv, xv) in yc.iter_mut().zip(xc) {
-            let v = *xv;
-            *yv = if v > six {
-                six
-            } else if v > T::zero() {
-                v
-            } else {
-                T::zero()
-            };
-        }
+        simd::vectorized(
+            #[inline(always)]
+            || relu6_chunk(yc, xc, six),
+        )
     });
     y
+}
+
+#[inline(always)]
+fn relu6_chunk<T: WithDType>(yc: &mut [T], xc: &[T], six: T) {
+    for (yv, xv) in yc.iter_mut().zip(xc) {
+        let v = *xv;
+        *yv = if v > six {
+            six
+        } else if v > T::zero() {
+            v
+        } else {
+            T::zero()
+        };
+    }
 }
 
 fn relu6_bwd_map<T: WithDType>(res: &[T], g: &[T]) -> Vec<T> {
@@ -401,9 +404,14 @@ fn relu6_bwd_map<T: WithDType>(res: &[T], g: &[T]) -> Vec<T> {
     let mut out = vec![T::zero(); g.len()];
     out.par_chunks_mut(PAR_CHUNK).zip(res.par_chunks(PAR_CHUNK).zip(g.par_chunks(PAR_CHUNK))).for_each(
         |(oc, (rc, gc))| {
-            for ((o, r), gv) in oc.iter_mut().zip(rc).zip(gc) {
-                *o = if *r > T::zero() && *r < six { *gv } else { T::zero() };
-            }
+            simd::vectorized(
+                #[inline(always)]
+                || {
+                    for ((o, r), gv) in oc.iter_mut().zip(rc).zip(gc) {
+                        *o = if *r > T::zero() && *r < six { *gv } else { T::zero() };
+                    }
+                },
+            )
         },
     );
     out
