@@ -86,7 +86,8 @@ enum Service {
 }
 
 fn main() -> ExitCode {
-    distillery_models::alloc::keep_freed_pages();
+    // SAFETY: first thing in `main`, before any other thread starts.
+    unsafe { distillery_models::process::prepare() };
     let cli = Cli::parse();
     output::init_logging(&cli.log);
     let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {

@@ -53,7 +53,8 @@ fn check_against_cpu(variant: EmoNetVariant, device: &Device, on_device: &EmoNet
 }
 
 fn main() {
-    distillery_models::alloc::keep_freed_pages();
+    // SAFETY: first thing in `main`, before any other thread starts.
+    unsafe { distillery_models::process::prepare() };
     let (device_name, device) = distillery_models::device::from_env().expect("device");
     let variant = EmoNetVariant::Eight;
     let model = model(variant, &device);

@@ -18,7 +18,8 @@ use distillery_models::Teacher;
 use distillery_models::onnx::{OnnxTeacher, OnnxTeacherConfig};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    distillery_models::alloc::keep_freed_pages();
+    // SAFETY: first thing in `main`, before any other thread starts.
+    unsafe { distillery_models::process::prepare() };
     let Some(reference) = distillery_core::reference::require("onnx_faceapi bench") else {
         return Ok(());
     };

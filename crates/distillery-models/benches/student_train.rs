@@ -266,7 +266,8 @@ fn check_against_cpu(dev: &Device) -> candle_core::Result<()> {
 }
 
 fn main() -> candle_core::Result<()> {
-    distillery_models::alloc::keep_freed_pages();
+    // SAFETY: first thing in `main`, before any other thread starts.
+    unsafe { distillery_models::process::prepare() };
     let steps = std::env::var("STUDENT_BENCH_STEPS").ok().and_then(|s| s.parse().ok()).unwrap_or(5);
     let (_, dev) = distillery_models::device::from_env()?;
     if !dev.is_cpu() {

@@ -11,6 +11,7 @@ pub mod emonet;
 pub mod losses;
 pub mod nn;
 pub mod onnx;
+pub mod process;
 pub mod student;
 pub mod students;
 pub mod teacher;

@@ -181,6 +181,19 @@ fn check_kernel(l: &Layout, c: usize, op: &str) -> Result<()> {
 }
 
 impl DwFwd {
+    /// f32: each plane through the vectorised row kernel of [`super::fastconv`].
+    fn run_f32(&self, xs: &[f32], xl: &Layout, ks: &[f32]) -> Result<(Vec<f32>, Shape)> {
+        let (n, c, h, w) = dims4(xl, self.name(), "input")?;
+        let (ho, wo) = (out_side(h, self.stride), out_side(w, self.stride));
+        let mut y = vec![0f32; n * c * ho * wo];
+        y.par_chunks_mut(ho * wo).enumerate().for_each(|(p, yp)| {
+            let ch = p % c;
+            let k: &[f32; 9] = ks[ch * 9..ch * 9 + 9].try_into().expect("nine taps");
+            super::fastconv::depthwise3x3_plane(&xs[p * h * w..(p + 1) * h * w], k, yp, (h, w), self.stride);
+        });
+        Ok((y, Shape::from((n, c, ho, wo))))
+    }
+
     fn run<T: WithDType>(&self, xs: &[T], xl: &Layout, ks: &[T]) -> Result<(Vec<T>, Shape)> {
         let (n, c, h, w) = dims4(xl, self.name(), "input")?;
         let (ho, wo) = (out_side(h, self.stride), out_side(w, self.stride));
@@ -213,7 +226,7 @@ impl CustomOp2 for DwFwd {
         check_kernel(l2, c, self.name())?;
         match s1.dtype() {
             DType::F32 => {
-                let (v, s) = self.run(
+                let (v, s) = self.run_f32(
                     contiguous::<f32>(s1, l1, self.name(), "input")?,
                     l1,
                     contiguous::<f32>(s2, l2, self.name(), "weight")?,
@@ -248,6 +261,26 @@ impl CustomOp2 for DwFwd {
 }
 
 impl DwBwdInput {
+    /// f32, stride 1: the input gradient is the same convolution of the output gradient with the
+    /// kernel turned by 180°, run by the vectorised row kernel. Stride 2 takes the generic path.
+    fn run_f32(&self, gs: &[f32], gl: &Layout, ks: &[f32]) -> Result<(Vec<f32>, Shape)> {
+        if self.stride != 1 {
+            return self.run(gs, gl, ks);
+        }
+        let (n, c, ho, wo) = dims4(gl, self.name(), "grad")?;
+        let (h, w) = (self.h, self.w);
+        if (ho, wo) != (h, w) {
+            bail!("{}: grad {:?} does not match input side {h}×{w}", self.name(), gl.dims());
+        }
+        let mut gx = vec![0f32; n * c * h * w];
+        gx.par_chunks_mut(h * w).enumerate().for_each(|(p, gp)| {
+            let ch = p % c;
+            let k: [f32; 9] = std::array::from_fn(|i| ks[ch * 9 + 8 - i]);
+            super::fastconv::depthwise3x3_plane(&gs[p * h * w..(p + 1) * h * w], &k, gp, (h, w), 1);
+        });
+        Ok((gx, Shape::from((n, c, h, w))))
+    }
+
     fn run<T: WithDType>(&self, gs: &[T], gl: &Layout, ks: &[T]) -> Result<(Vec<T>, Shape)> {
         let (n, c, ho, wo) = dims4(gl, self.name(), "grad")?;
         let (h, w) = (self.h, self.w);
@@ -283,7 +316,7 @@ impl CustomOp2 for DwBwdInput {
         check_kernel(l2, c, self.name())?;
         match s1.dtype() {
             DType::F32 => {
-                let (v, s) = self.run(
+                let (v, s) = self.run_f32(
                     contiguous::<f32>(s1, l1, self.name(), "grad")?,
                     l1,
                     contiguous::<f32>(s2, l2, self.name(), "weight")?,
@@ -535,16 +568,31 @@ mod tests {
     #[test]
     fn f32_gradients_match_grouped_conv() -> Result<()> {
         let dev = Device::Cpu;
-        let x = candle_core::Var::randn(0f32, 1., (2, 4, 8, 8), &dev)?;
-        let k = candle_core::Var::randn(0f32, 1., (4, 1, 3, 3), &dev)?;
-        let r = Tensor::randn(0f32, 1., (2, 4, 4, 4), &dev)?;
-        let ours = depthwise_conv3x3(&x, &k, 2)?.mul(&r)?.sum_all()?.backward()?;
-        let theirs = x.conv2d(&k, 1, 2, 1, 4)?.mul(&r)?.sum_all()?.backward()?;
-        for v in [x.as_tensor(), k.as_tensor()] {
-            let a = ours.get(v).unwrap();
-            let b = theirs.get(v).unwrap();
-            let d = (a - b)?.abs()?.max_all()?.to_scalar::<f32>()?;
-            assert!(d < 1e-4, "max diff {d}");
+        // Widths that take the row kernel's 16-, 8- and 4-column groups and its edges; stride 2
+        // on sides of equal parity (candle's reference backward needs that).
+        for (n, c, h, w, stride) in [
+            (2, 4, 8, 8, 2),
+            (2, 3, 19, 21, 1),
+            (1, 2, 37, 18, 1),
+            (1, 2, 37, 19, 2),
+            (1, 2, 5, 3, 1),
+            (3, 2, 20, 36, 2),
+        ] {
+            let x = candle_core::Var::randn(0f32, 1., (n, c, h, w), &dev)?;
+            let k = candle_core::Var::randn(0f32, 1., (c, 1, 3, 3), &dev)?;
+            let r = Tensor::randn(0f32, 1., (n, c, out_side(h, stride), out_side(w, stride)), &dev)?;
+            let y = depthwise_conv3x3(&x, &k, stride)?;
+            let y_ref = x.conv2d(&k, 1, stride, 1, c)?;
+            let d = (&y - &y_ref)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert!(d < 1e-4, "{h}×{w} stride {stride}: output max diff {d}");
+            let ours = y.mul(&r)?.sum_all()?.backward()?;
+            let theirs = y_ref.mul(&r)?.sum_all()?.backward()?;
+            for v in [x.as_tensor(), k.as_tensor()] {
+                let a = ours.get(v).unwrap();
+                let b = theirs.get(v).unwrap();
+                let d = (a - b)?.abs()?.max_all()?.to_scalar::<f32>()?;
+                assert!(d < 1e-3, "{h}×{w} stride {stride}: gradient max diff {d}");
+            }
         }
         Ok(())
     }

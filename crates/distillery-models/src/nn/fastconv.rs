@@ -512,6 +512,46 @@ unsafe fn depthwise3x3_lanes<V: Vf32, const S: usize, const RELU: bool>(
     }
 }
 
+/// One `h×w` plane of a 3×3 depthwise convolution with padding 1 and stride 1 or 2 (the
+/// training layers' shape) into `y` (`ho×wo`), with the CPU's widest registers.
+pub(crate) fn depthwise3x3_plane(
+    x: &[f32],
+    k: &[f32; 9],
+    y: &mut [f32],
+    (h, w): (usize, usize),
+    stride: usize,
+) {
+    simd::with_lanes(Plane { x, k, y, hw: (h, w), stride })
+}
+
+struct Plane<'a> {
+    x: &'a [f32],
+    k: &'a [f32; 9],
+    y: &'a mut [f32],
+    hw: (usize, usize),
+    stride: usize,
+}
+
+impl WithLanes for Plane<'_> {
+    type Output = ();
+    #[inline(always)]
+    fn run<V: Vf32>(self) {
+        let Plane { x, k, y, hw: (h, w), stride } = self;
+        let (ho, wo) = ((h - 1) / stride + 1, (w - 1) / stride + 1);
+        let zeros = vec![0f32; w];
+        for (oy, out) in y.chunks_exact_mut(wo).take(ho).enumerate() {
+            let rows: [&[f32]; 3] = std::array::from_fn(|ky| {
+                let iy = (oy * stride + ky).wrapping_sub(1);
+                if iy < h { &x[iy * w..][..w] } else { &zeros[..] }
+            });
+            match stride {
+                1 => depthwise3x3_row::<V, 1>(out, 0, rows, k, 1, 0.0, false),
+                _ => depthwise3x3_row::<V, 2>(out, 0, rows, k, 1, 0.0, false),
+            }
+        }
+    }
+}
+
 /// [`depthwise_tile`]'s arguments, to run it with the CPU's widest registers.
 struct DepthwiseTile<'a, 'b> {
     src: *const f32,
