@@ -817,23 +817,47 @@ pub fn conv2d_tensor_onto(op: &FusedConv<'_>, x: &Tensor, base: Option<&Tensor>)
     let Some((mut dst, accumulate)) = output_buffer(&[n, g.c_out, ho, wo], base)? else { return Ok(None) };
     let x = x.contiguous()?;
     let out = cpu_f32(&x, |src| -> Result<()> {
+        if src.len() != n * c * h * w {
+            bail!("conv: input of {} values is not [{n}, {c}, {h}, {w}]", src.len());
+        }
         let op = FusedConv { epi: Epilogue { accumulate, ..op.epi }, ..*op };
-        conv2d(&op, Extent { n, h, w }, (src, Channels::all(c)), (&mut dst, Channels::all(g.c_out)))
+        let s = Planes { ptr: SendConst(src.as_ptr()), img_stride: c * h * w };
+        let d = Planes { ptr: SendMut(dst.as_mut_ptr()), img_stride: g.c_out * ho * wo };
+        // SAFETY: `src` is `[n, c, h, w]`; `dst` has room for `[n, c_out, ho, wo]` (written
+        // whole by the kernel, or holding `base` when accumulating); distinct buffers.
+        unsafe { conv_raw(&op, Extent { n, h, w }, s, d, None) }
     });
-    match out {
+    finish_output(dst, out, (n, g.c_out, ho, wo))
+}
+
+/// The tensor of a buffer from [`output_buffer`] once a kernel has run on it: a fresh buffer
+/// (length 0) was written whole by the kernel.
+fn finish_output(
+    mut dst: Vec<f32>,
+    ran: Option<Result<()>>,
+    dims: (usize, usize, usize, usize),
+) -> Result<Option<Tensor>> {
+    match ran {
         Some(r) => {
             r?;
-            Ok(Some(Tensor::from_vec(dst, (n, g.c_out, ho, wo), &Device::Cpu)?))
+            let total = dims.0 * dims.1 * dims.2 * dims.3;
+            if dst.is_empty() {
+                debug_assert!(dst.capacity() >= total);
+                // SAFETY: the kernel succeeded and wrote every element of the output.
+                unsafe { dst.set_len(total) };
+            }
+            Ok(Some(Tensor::from_vec(dst, dims, &Device::Cpu)?))
         }
         None => Ok(None),
     }
 }
 
-/// A fresh output of `dims`: zeros, or a copy of `base` to accumulate onto (`true`); `None` when
-/// `base` is not a CPU f32 tensor of exactly that shape.
+/// A fresh output of `dims`: an empty buffer with room for it, which the kernel writes whole
+/// (no zeroing first; see [`finish_output`]), or a copy of `base` to accumulate onto (`true`);
+/// `None` when `base` is not a CPU f32 tensor of exactly that shape.
 fn output_buffer(dims: &[usize], base: Option<&Tensor>) -> Result<Option<(Vec<f32>, bool)>> {
     match base {
-        None => Ok(Some((vec![0f32; dims.iter().product()], false))),
+        None => Ok(Some((Vec::with_capacity(dims.iter().product()), false))),
         Some(b) if b.dims() == dims => Ok(cpu_f32(&b.contiguous()?, |v| (v.to_vec(), true))),
         Some(_) => Ok(None),
     }
@@ -878,13 +902,7 @@ pub fn separable_tensor(
         // SAFETY: `src` is `[n, c, h, w]`, `dst` `[n, c_out, ho, wo]`, distinct buffers.
         unsafe { conv_raw(&op, Extent { n, h: ho, w: wo }, s, d, Some((stage, (h, w)))) }
     });
-    match out {
-        Some(r) => {
-            r?;
-            Ok(Some(Tensor::from_vec(dst, (n, g.c_out, ho, wo), &Device::Cpu)?))
-        }
-        None => Ok(None),
-    }
+    finish_output(dst, out, (n, g.c_out, ho, wo))
 }
 
 #[cfg(test)]

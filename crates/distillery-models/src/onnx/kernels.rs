@@ -10,6 +10,8 @@
 //! kernel: candle implements grouped convolution as one convolution per group, which for
 //! depthwise layers means C tiny convolutions and dominates the run time of mobile networks.
 
+use std::mem::MaybeUninit;
+
 use candle_core::{DType, Result, Tensor, bail};
 use rayon::prelude::*;
 
@@ -541,22 +543,28 @@ const PAR_MIN: usize = 1 << 14;
 /// for the many small maps of a mobile network at batch 1.
 pub(crate) fn cpu_map(x: &Tensor, f: impl Fn(f32) -> f32 + Sync) -> Option<Result<Tensor>> {
     let v = fastconv::cpu_f32(x, |a| {
-        let mut out = vec![0f32; a.len()];
-        let run = |(o, a): (&mut [f32], &[f32])| {
+        let mut out = Vec::with_capacity(a.len());
+        let run = |(o, a): (&mut [MaybeUninit<f32>], &[f32])| {
             simd::vectorized(
                 #[inline(always)]
-                || o.iter_mut().zip(a).for_each(|(o, &a)| *o = f(a)),
+                || o.iter_mut().zip(a).for_each(|(o, &a)| _ = o.write(f(a))),
             )
         };
+        let o = &mut out.spare_capacity_mut()[..a.len()];
         if a.len() < PAR_MIN {
-            run((&mut out, a));
+            run((o, a));
         } else {
-            out.par_chunks_mut(PAR_MIN / 2).zip(a.par_chunks(PAR_MIN / 2)).for_each(run);
+            o.par_chunks_mut(PAR_MIN / 2).zip(a.par_chunks(PAR_MIN / 2)).for_each(run);
         }
+        // SAFETY: every element was written above.
+        unsafe { out.set_len(a.len()) };
         out
     })?;
     Some(Tensor::from_vec(v, x.shape(), x.device()))
 }
+
+/// Matching chunks of the two operands of [`cpu_zip`].
+type Operands<'a> = (&'a [f32], &'a [f32]);
 
 /// `f(x, y)` elementwise for two contiguous CPU f32 tensors of the same shape; `None` otherwise
 /// (broadcasting and other dtypes go through candle).
@@ -566,19 +574,22 @@ pub(crate) fn cpu_zip(x: &Tensor, y: &Tensor, f: impl Fn(f32, f32) -> f32 + Sync
     }
     let v = fastconv::cpu_f32(x, |a| {
         fastconv::cpu_f32(y, |b| {
-            let mut out = vec![0f32; a.len()];
-            let run = |(o, (a, b)): (&mut [f32], (&[f32], &[f32]))| {
+            let mut out = Vec::with_capacity(a.len());
+            let run = |(o, (a, b)): (&mut [MaybeUninit<f32>], Operands<'_>)| {
                 simd::vectorized(
                     #[inline(always)]
-                    || o.iter_mut().zip(a.iter().zip(b)).for_each(|(o, (&a, &b))| *o = f(a, b)),
+                    || o.iter_mut().zip(a.iter().zip(b)).for_each(|(o, (&a, &b))| _ = o.write(f(a, b))),
                 )
             };
+            let o = &mut out.spare_capacity_mut()[..a.len()];
             if a.len() < PAR_MIN {
-                run((&mut out, (a, b)));
+                run((o, (a, b)));
             } else {
                 let chunks = a.par_chunks(PAR_MIN / 2).zip(b.par_chunks(PAR_MIN / 2));
-                out.par_chunks_mut(PAR_MIN / 2).zip(chunks).for_each(run);
+                o.par_chunks_mut(PAR_MIN / 2).zip(chunks).for_each(run);
             }
+            // SAFETY: every element was written above.
+            unsafe { out.set_len(a.len()) };
             out
         })
     })??;
