@@ -73,8 +73,8 @@ impl BnTrain {
         let mean: Vec<f64> = per_channel.iter().map(|p| p.0).collect();
         let var: Vec<f64> = per_channel.iter().map(|p| p.1).collect();
         let inv_std: Vec<f64> = var.iter().map(|v| 1.0 / (v + self.eps).sqrt()).collect();
-        let mut y = vec![T::zero(); x.len()];
-        y.par_chunks_mut(hw).enumerate().for_each(|(p, yp)| {
+        let mut y = Vec::with_capacity(x.len());
+        y.spare_capacity_mut()[..x.len()].par_chunks_mut(hw).enumerate().for_each(|(p, yp)| {
             let ch = p % c;
             let a = inv_std[ch] * g[ch].to_f64();
             let shift = b[ch].to_f64() - mean[ch] * a;
@@ -87,22 +87,24 @@ impl BnTrain {
                     if self.relu6 {
                         for (yv, xv) in yp.iter_mut().zip(xp) {
                             let v = *xv * a + shift;
-                            *yv = if v > six {
+                            yv.write(if v > six {
                                 six
                             } else if v > zero {
                                 v
                             } else {
                                 zero
-                            };
+                            });
                         }
                     } else {
                         for (yv, xv) in yp.iter_mut().zip(xp) {
-                            *yv = *xv * a + shift;
+                            yv.write(*xv * a + shift);
                         }
                     }
                 },
             )
         });
+        // SAFETY: every plane of `hw` values was written above.
+        unsafe { y.set_len(x.len()) };
         *self.stats.lock().expect("stats lock") = Some(BatchStats { mean, var, inv_std, count: n * hw });
         y
     }
@@ -244,8 +246,8 @@ impl BnTrainBwd {
             })
             .collect();
         let m = st.count as f64;
-        let mut dx = vec![T::zero(); x.len()];
-        dx.par_chunks_mut(hw).enumerate().for_each(|(p, dp)| {
+        let mut dx = Vec::with_capacity(x.len());
+        dx.spare_capacity_mut()[..x.len()].par_chunks_mut(hw).enumerate().for_each(|(p, dp)| {
             let ch = p % c;
             let (mean, inv) = (st.mean[ch], st.inv_std[ch]);
             let (dg, db) = red[ch];
@@ -260,11 +262,13 @@ impl BnTrainBwd {
                 #[inline(always)]
                 || {
                     for (((d, xv), gv), yv) in dp.iter_mut().zip(xp).zip(gp).zip(yp) {
-                        *d = k * passed(*gv, *yv, relu6) + bx * *xv + e;
+                        d.write(k * passed(*gv, *yv, relu6) + bx * *xv + e);
                     }
                 },
             )
         });
+        // SAFETY: every plane of `hw` values was written above.
+        unsafe { dx.set_len(x.len()) };
         *self.reductions.lock().expect("reductions lock") =
             Some((red.iter().map(|r| r.0).collect(), red.iter().map(|r| r.1).collect()));
         dx

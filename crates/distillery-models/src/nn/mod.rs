@@ -30,6 +30,8 @@ use candle_core::{
     CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor, Var, WithDType,
     backend::BackendStorage, bail,
 };
+use std::mem::MaybeUninit;
+
 use candle_nn::{Init, VarBuilder};
 use rayon::prelude::*;
 
@@ -375,45 +377,51 @@ struct Relu6Bwd;
 
 fn relu6_map<T: WithDType>(x: &[T]) -> Vec<T> {
     let six = T::from_f64(6.0);
-    let mut y = vec![T::zero(); x.len()];
-    y.par_chunks_mut(PAR_CHUNK).zip(x.par_chunks(PAR_CHUNK)).for_each(|(yc, xc)| {
+    let mut y = Vec::with_capacity(x.len());
+    let out = &mut y.spare_capacity_mut()[..x.len()];
+    out.par_chunks_mut(PAR_CHUNK).zip(x.par_chunks(PAR_CHUNK)).for_each(|(yc, xc)| {
         simd::vectorized(
             #[inline(always)]
             || relu6_chunk(yc, xc, six),
         )
     });
+    // SAFETY: every element was written above.
+    unsafe { y.set_len(x.len()) };
     y
 }
 
 #[inline(always)]
-fn relu6_chunk<T: WithDType>(yc: &mut [T], xc: &[T], six: T) {
+fn relu6_chunk<T: WithDType>(yc: &mut [MaybeUninit<T>], xc: &[T], six: T) {
     for (yv, xv) in yc.iter_mut().zip(xc) {
         let v = *xv;
-        *yv = if v > six {
+        yv.write(if v > six {
             six
         } else if v > T::zero() {
             v
         } else {
             T::zero()
-        };
+        });
     }
 }
 
 fn relu6_bwd_map<T: WithDType>(res: &[T], g: &[T]) -> Vec<T> {
     let six = T::from_f64(6.0);
-    let mut out = vec![T::zero(); g.len()];
-    out.par_chunks_mut(PAR_CHUNK).zip(res.par_chunks(PAR_CHUNK).zip(g.par_chunks(PAR_CHUNK))).for_each(
+    let mut out = Vec::with_capacity(g.len());
+    let spare = &mut out.spare_capacity_mut()[..g.len()];
+    spare.par_chunks_mut(PAR_CHUNK).zip(res.par_chunks(PAR_CHUNK).zip(g.par_chunks(PAR_CHUNK))).for_each(
         |(oc, (rc, gc))| {
             simd::vectorized(
                 #[inline(always)]
                 || {
                     for ((o, r), gv) in oc.iter_mut().zip(rc).zip(gc) {
-                        *o = if *r > T::zero() && *r < six { *gv } else { T::zero() };
+                        o.write(if *r > T::zero() && *r < six { *gv } else { T::zero() });
                     }
                 },
             )
         },
     );
+    // SAFETY: every element was written above.
+    unsafe { out.set_len(g.len()) };
     out
 }
 
