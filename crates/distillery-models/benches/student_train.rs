@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarBuilder, VarMap};
 use distillery_models::losses::kd_loss;
+use distillery_models::nn::on_pool;
 use distillery_models::student::{StudentArch, StudentSpec, build_student, trainable_vars};
 
 /// Adds the time since `start` to `total` and returns now.
@@ -44,11 +45,12 @@ fn bench(dev: &Device, side: usize, batch: usize, steps: usize) -> candle_core::
     let mut phases = [Duration::ZERO; 3];
     let mut step = |phases: &mut [Duration; 3]| -> candle_core::Result<f32> {
         let t = Instant::now();
-        let out = model.forward_t(&x, true)?;
+        // As the trainer does: on a rayon worker (`on_pool`).
+        let out = on_pool(|| model.forward_t(&x, true))?;
         let loss = kd_loss(&out.logits, Some(&teacher), &labels, &mask, 0.5, 4.0)?.total;
         dev.synchronize()?;
         let t = lap(&mut phases[0], t);
-        let grads = loss.backward()?;
+        let grads = on_pool(|| loss.backward())?;
         dev.synchronize()?;
         let t = lap(&mut phases[1], t);
         opt.step(&grads)?;

@@ -23,6 +23,11 @@ pub fn count<R>(f: impl FnOnce() -> R) -> (R, u64) {
     (r, n)
 }
 
+/// Whether this thread is counting (inside [`count`]).
+pub fn counting() -> bool {
+    MACS.with(|m| m.get().is_some())
+}
+
 /// Adds `macs` to the current count, if counting.
 #[inline]
 pub fn record(macs: u64) {

@@ -17,6 +17,7 @@ use std::time::Instant;
 use candle_core::{DType, Tensor, Var};
 use distillery_core::FaceId;
 use distillery_data::Batch;
+use distillery_models::nn::on_pool;
 use serde::{Deserialize, Serialize};
 
 use crate::checkpoint::{self, TrainState};
@@ -321,13 +322,15 @@ pub fn train(run: TrainRun<'_>) -> Result<TrainSummary> {
         let lr = schedule.at(step);
         opt.set_lr(lr);
         let (label_mask, va_mask) = masks(&batch, cfg)?;
-        let out = model.forward_t(&batch.images, true).op("student forward")?;
+        // Forward and backward on a rayon worker, so the kernels' parallel loops start there
+        // without a hand-off per op (`on_pool`).
+        let out = on_pool(|| model.forward_t(&batch.images, true)).op("student forward")?;
         let terms = objective::terms(&out, &batch, &label_mask, &va_mask, &cfg.loss)?;
         let total_loss = scalar(&terms.total)?;
         if !total_loss.is_finite() {
             return Err(Error::NonFinite { what: "loss".into(), step });
         }
-        let mut grads = terms.total.backward().op("backward")?;
+        let mut grads = on_pool(|| terms.total.backward()).op("backward")?;
         let norm = clip_grad_norm(&mut grads, &opt_vars, o.grad_clip)?;
         if !norm.is_finite() {
             return Err(Error::NonFinite { what: "gradient norm".into(), step });

@@ -57,6 +57,27 @@ pub fn with_portable_layers<T>(f: impl FnOnce() -> T) -> T {
     f()
 }
 
+/// Runs `f` on one of rayon's worker threads, so that the parallel loops of the kernels it calls
+/// run there directly: called from any other thread, every loop is handed to the pool and the
+/// caller sleeps until it is done, two context switches per kernel (a third of a face-api batch
+/// of one image on two cores). This thread's [`with_portable_layers`] setting and MAC counting
+/// ([`cost::count`]) carry over. Already on a worker, `f` simply runs.
+pub fn on_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    if rayon::current_thread_index().is_some() {
+        return f();
+    }
+    let portable = PORTABLE.with(|p| p.get());
+    let counting = cost::counting();
+    let (r, macs) = rayon::scope(|_| {
+        let outer = PORTABLE.with(|p| p.replace(portable));
+        let (r, macs) = if counting { cost::count(f) } else { (f(), 0) };
+        PORTABLE.with(|p| p.set(outer));
+        (r, macs)
+    });
+    cost::record(macs);
+    r
+}
+
 /// Whether a layer takes its hand-written CPU kernel for `t`: a CPU tensor, outside
 /// [`with_portable_layers`].
 pub(crate) fn cpu_kernels(t: &Tensor) -> bool {
@@ -490,6 +511,22 @@ mod tests {
 
     fn vb64(vm: &VarMap) -> VarBuilder<'static> {
         VarBuilder::from_varmap(vm, DType::F64, &Device::Cpu)
+    }
+
+    #[test]
+    fn on_pool_runs_on_a_worker_and_keeps_counting_and_portable_layers() {
+        let ((on_worker, portable), macs) = cost::count(|| {
+            with_portable_layers(|| {
+                on_pool(|| {
+                    cost::record(7);
+                    (rayon::current_thread_index().is_some(), PORTABLE.with(|p| p.get()))
+                })
+            })
+        });
+        assert!(on_worker, "ran off the pool");
+        assert!(portable, "lost the portable-layers setting");
+        assert_eq!(macs, 7, "lost the MACs recorded on the worker");
+        assert!(!on_pool(|| PORTABLE.with(|p| p.get())), "portable outside with_portable_layers");
     }
 
     #[test]

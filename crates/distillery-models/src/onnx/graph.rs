@@ -385,7 +385,8 @@ impl OnnxGraph {
     /// Evaluates the graph: `inputs` by name, returning the values named in `outputs` (declared
     /// outputs or any intermediate value), in that order. Only the nodes those outputs need run.
     pub fn run(&self, inputs: &[(&str, &Tensor)], outputs: &[&str]) -> Result<Vec<Tensor>, OnnxError> {
-        self.run_timed(inputs, outputs, None)
+        // On a rayon worker: each node's parallel loop then runs without a hand-off to the pool.
+        crate::nn::on_pool(|| self.run_timed(inputs, outputs, None))
     }
 
     /// [`OnnxGraph::run`], also returning the wall time of every node that ran, in order (for
