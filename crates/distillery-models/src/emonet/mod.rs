@@ -253,6 +253,11 @@ impl EmoNet {
 
     /// Runs the network on `[n, 3, 256, 256]` preprocessed images.
     pub fn forward_raw(&self, x: &Tensor) -> Result<EmoNetRaw> {
+        // On a rayon worker, so each convolution's tiles start without a hand-off (`on_pool`).
+        crate::nn::on_pool(|| self.forward_raw_here(x))
+    }
+
+    fn forward_raw_here(&self, x: &Tensor) -> Result<EmoNetRaw> {
         let dims = x.dims();
         if dims.len() != 4 || dims[1] != 3 || dims[2] != INPUT_SIZE || dims[3] != INPUT_SIZE {
             candle_core::bail!("EmoNet expects input [n, 3, {INPUT_SIZE}, {INPUT_SIZE}], got {dims:?}");
