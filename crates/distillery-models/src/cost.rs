@@ -28,6 +28,17 @@ pub fn counting() -> bool {
     MACS.with(|m| m.get().is_some())
 }
 
+/// Runs `f` with counting on or off as `counting` says, apart from whatever this thread was
+/// counting before (restored afterwards, and not added to): for a worker thread running work on
+/// behalf of another thread, which may be in the middle of other work of its own. Returns the
+/// MACs `f` recorded (0 when not counting).
+pub(crate) fn isolated<R>(counting: bool, f: impl FnOnce() -> R) -> (R, u64) {
+    let before = MACS.with(|m| m.replace(counting.then_some(0)));
+    let r = f();
+    let n = MACS.with(|m| m.replace(before)).unwrap_or(0);
+    (r, n)
+}
+
 /// Adds `macs` to the current count, if counting.
 #[inline]
 pub fn record(macs: u64) {

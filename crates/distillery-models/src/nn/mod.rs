@@ -68,11 +68,13 @@ pub fn on_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
     }
     let portable = PORTABLE.with(|p| p.get());
     let counting = cost::counting();
+    // The worker may be waiting inside other work (another caller's, which it runs while it
+    // waits): the settings are swapped in for `f` alone and the worker's own put back after.
     let (r, macs) = rayon::scope(|_| {
         let outer = PORTABLE.with(|p| p.replace(portable));
-        let (r, macs) = if counting { cost::count(f) } else { (f(), 0) };
+        let out = cost::isolated(counting, f);
         PORTABLE.with(|p| p.set(outer));
-        (r, macs)
+        out
     });
     cost::record(macs);
     r
@@ -527,6 +529,29 @@ mod tests {
         assert!(portable, "lost the portable-layers setting");
         assert_eq!(macs, 7, "lost the MACs recorded on the worker");
         assert!(!on_pool(|| PORTABLE.with(|p| p.get())), "portable outside with_portable_layers");
+    }
+
+    #[test]
+    fn on_pool_keeps_the_counts_of_concurrent_callers_apart() {
+        // Workers waiting inside one caller's loops run other callers' work meanwhile.
+        std::thread::scope(|s| {
+            for k in 1..=4u64 {
+                s.spawn(move || {
+                    for _ in 0..50 {
+                        let ((), macs) = cost::count(|| {
+                            on_pool(|| {
+                                cost::record(k);
+                                (0..256).into_par_iter().for_each(|i| {
+                                    std::hint::black_box(i);
+                                });
+                                cost::record(k);
+                            })
+                        });
+                        assert_eq!(macs, 2 * k);
+                    }
+                });
+            }
+        });
     }
 
     #[test]
