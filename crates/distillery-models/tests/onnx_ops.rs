@@ -910,3 +910,58 @@ fn additions_fold_into_the_convolution_before_them() -> R {
     assert!(max_diff(&got_p, &p) < 1e-4, "the pointwise output before the addition, by name");
     Ok(())
 }
+
+/// Chains of `Add`s whose intermediate sums nothing else reads are planned as one n-ary sum (with
+/// the `Relu` after it, and broadcasting operands through candle); a sum read twice stays a step
+/// of its own; values are those of the plain arithmetic, and removed sums can still be asked for.
+#[test]
+fn add_chains_fold_into_one_sum_without_changing_values() -> R {
+    let dims = [2usize, 3, 4, 5];
+    let n: usize = dims.iter().product();
+    let xv = values(n, 41);
+    let bias = values(3, 42);
+    let scalars = [0.5f32, -1.25, 2.0, 0.75];
+    let mut nodes = Vec::new();
+    let mut inits = vec![init_f32("bias", &[1, 3, 1, 1], bias.clone())];
+    for (i, name) in ["p", "q", "r", "s"].iter().enumerate() {
+        let k = format!("k{i}");
+        inits.push(init_f32(&k, &[1], vec![scalars[i]]));
+        nodes.push(node("Mul", name, &["x", &k], &[name], vec![]));
+    }
+    nodes.extend([
+        node("Add", "t1", &["r", "s"], &["t1"], vec![]),
+        node("Add", "t2", &["q", "t1"], &["t2"], vec![]),
+        node("Add", "t3", &["p", "t2"], &["t3"], vec![]),
+        node("Relu", "y1", &["t3"], &["y1"], vec![]),
+        node("Add", "u1", &["p", "bias"], &["u1"], vec![]),
+        node("Add", "y2", &["u1", "q"], &["y2"], vec![]),
+        node("Add", "v", &["p", "q"], &["v"], vec![]),
+        node("Add", "y3", &["v", "r"], &["y3"], vec![]),
+        node("Add", "y4", &["v", "s"], &["y4"], vec![]),
+    ]);
+    let m = model(nodes, inits, &["x"], &["y1", "y2", "y3", "y4"], 13);
+    let g = OnnxGraph::from_model(&m, &Device::Cpu)?;
+    assert_eq!(g.num_steps(), 4 + 1 + 1 + 3, "t1..t3 + Relu and u1 + y2 fold; v has two readers");
+
+    let term = |i: usize| xv.iter().map(|v| v * scalars[i]).collect::<Vec<f32>>();
+    let (p, q, r, s) = (term(0), term(1), term(2), term(3));
+    let at = |i: usize| (i / (dims[2] * dims[3])) % dims[1];
+    let want = [
+        (0..n).map(|i| (p[i] + q[i] + r[i] + s[i]).max(0.0)).collect::<Vec<f32>>(),
+        (0..n).map(|i| p[i] + bias[at(i)] + q[i]).collect(),
+        (0..n).map(|i| p[i] + q[i] + r[i]).collect(),
+        (0..n).map(|i| p[i] + q[i] + s[i]).collect(),
+    ];
+    assert!(want[0].contains(&0.0), "the test needs negative sums");
+    let x = Tensor::from_vec(xv.clone(), dims.to_vec(), &Device::Cpu)?;
+    let got = g.run(&[("x", &x)], &["y1", "y2", "y3", "y4"])?;
+    for (k, (got, want)) in got.iter().zip(&want).enumerate() {
+        let d = max_diff(&got.flatten_all()?.to_vec1::<f32>()?, want);
+        assert!(d < 1e-5, "y{} max diff {d}", k + 1);
+    }
+    // An intermediate sum the fusion removed is still a value of the graph.
+    let t2 = g.run(&[("x", &x)], &["t2"])?.remove(0).flatten_all()?.to_vec1::<f32>()?;
+    let d = max_diff(&t2, &(0..n).map(|i| q[i] + r[i] + s[i]).collect::<Vec<f32>>());
+    assert!(d < 1e-5, "t2 max diff {d}");
+    Ok(())
+}

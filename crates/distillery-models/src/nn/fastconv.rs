@@ -778,6 +778,21 @@ pub fn conv2d_within(
 }
 
 /// The contiguous f32 contents of a CPU tensor, or `None` for other devices and dtypes.
+/// [`cpu_f32`] for several tensors at once: `f` gets all their values, in order.
+pub fn cpu_f32_all<R>(ts: &[&Tensor], f: impl FnOnce(&[&[f32]]) -> R) -> Option<R> {
+    if ts.iter().any(|t| !t.device().is_cpu() || t.dtype() != DType::F32) {
+        return None;
+    }
+    let guards: Vec<_> = ts.iter().map(|t| t.storage_and_layout()).collect();
+    let mut slices = Vec::with_capacity(ts.len());
+    for (storage, layout) in &guards {
+        let Storage::Cpu(CpuStorage::F32(v)) = &**storage else { return None };
+        let (a, b) = layout.contiguous_offsets()?;
+        slices.push(&v[a..b]);
+    }
+    Some(f(&slices))
+}
+
 pub fn cpu_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Option<R> {
     if !t.device().is_cpu() || t.dtype() != DType::F32 {
         return None;

@@ -129,7 +129,8 @@ impl OnnxGraph {
         let relus = self.fold_relus();
         let separables = self.fold_separables();
         let adds = self.fold_adds();
-        if relus + separables + adds > 0 {
+        let chains = self.fold_add_chains();
+        if relus + separables + adds + chains > 0 {
             self.exact = Some(before);
         }
         Ok(())
@@ -276,6 +277,54 @@ impl OnnxGraph {
                 st.outputs = outputs;
                 removed[i] = true;
                 break;
+            }
+        }
+        self.drop_steps(&removed)
+    }
+
+    /// Merges each plain `Add` whose sum only another addition reads into that addition: a chain
+    /// such as `relu(a + (b + (c + d)))` becomes one n-ary sum of `a, b, c, d` (one pass over the
+    /// operands instead of one per `Add`; the additions may run in another order). Returns how
+    /// many `Add`s were merged away.
+    fn fold_add_chains(&mut self) -> usize {
+        let single = self.single_reader_slots();
+        let mut removed = vec![false; self.steps.len()];
+        for i in 0..self.steps.len() {
+            let relu = match self.steps[i].op {
+                Op::Binary(BinOp::Add) => false,
+                Op::AddRelu => true,
+                Op::AddN { relu } => relu,
+                _ => continue,
+            };
+            let mut inputs = Vec::with_capacity(self.steps[i].inputs.len() + 2);
+            let mut merged = false;
+            for &s in &self.steps[i].inputs {
+                let Some(s) = s else {
+                    inputs.push(None);
+                    continue;
+                };
+                let inner = self.producer[s].filter(|&p| {
+                    let st = &self.steps[p];
+                    single[s]
+                        && !removed[p]
+                        && st.outputs.len() == 1
+                        && st.inputs.iter().all(Option::is_some)
+                        && matches!(st.op, Op::Binary(BinOp::Add) | Op::AddN { relu: false })
+                });
+                match inner {
+                    Some(p) => {
+                        inputs.extend(self.steps[p].inputs.iter().copied());
+                        removed[p] = true;
+                        merged = true;
+                    }
+                    None => inputs.push(Some(s)),
+                }
+            }
+            if merged {
+                let st = &mut self.steps[i];
+                st.op = Op::AddN { relu };
+                st.inputs = inputs;
+                st.op_type = format!("Sum{}{}", st.inputs.len(), if relu { "+Relu" } else { "" });
             }
         }
         self.drop_steps(&removed)

@@ -596,6 +596,48 @@ pub(crate) fn cpu_zip(x: &Tensor, y: &Tensor, f: impl Fn(f32, f32) -> f32 + Sync
     Some(Tensor::from_vec(v, x.shape(), x.device()))
 }
 
+/// `Σ xs` (then a ReLU when `relu`) for contiguous CPU f32 tensors of one shape, in one pass:
+/// each chunk of the output is summed in a buffer that stays in cache while every operand's chunk
+/// is added, then written once. `None` for other tensors (broadcasting goes through candle).
+pub(crate) fn cpu_sum(xs: &[&Tensor], relu: bool) -> Option<Result<Tensor>> {
+    let first = xs.first()?;
+    if xs.iter().any(|t| t.dims() != first.dims()) {
+        return None;
+    }
+    let v = fastconv::cpu_f32_all(xs, |srcs| {
+        const CHUNK: usize = 1024;
+        let len = srcs[0].len();
+        let mut out = Vec::with_capacity(len);
+        let run = |(c, o): (usize, &mut [MaybeUninit<f32>])| {
+            simd::vectorized(
+                #[inline(always)]
+                || {
+                    let at = c * CHUNK;
+                    let mut acc = [0f32; CHUNK];
+                    let acc = &mut acc[..o.len()];
+                    acc.copy_from_slice(&srcs[0][at..at + o.len()]);
+                    for s in &srcs[1..] {
+                        acc.iter_mut().zip(&s[at..at + o.len()]).for_each(|(a, &v)| *a += v);
+                    }
+                    for (o, &a) in o.iter_mut().zip(acc.iter()) {
+                        o.write(if relu { a.max(0.0) } else { a });
+                    }
+                },
+            )
+        };
+        let spare = &mut out.spare_capacity_mut()[..len];
+        if len < PAR_MIN {
+            spare.chunks_mut(CHUNK).enumerate().for_each(run);
+        } else {
+            spare.par_chunks_mut(CHUNK).enumerate().for_each(run);
+        }
+        // SAFETY: every chunk was written above.
+        unsafe { out.set_len(len) };
+        out
+    })?;
+    Some(Tensor::from_vec(v, first.shape(), first.device()))
+}
+
 /// Direct depthwise convolution (one input channel per group, `c_out = m·c_in`) with bias and an
 /// optional ReLU.
 struct Depthwise<'a> {

@@ -86,6 +86,11 @@ pub(crate) enum Op {
     Binary(BinOp),
     /// `relu(a + b)`: an `Add` whose only use was a `Relu`, fused when the graph is planned.
     AddRelu,
+    /// The sum of all inputs (then a ReLU when `relu`): a chain of `Add`s whose intermediate sums
+    /// nothing else reads, fused when the graph is planned into one pass over the operands.
+    AddN {
+        relu: bool,
+    },
     /// `coerce_2d`: opset < 13 semantics (flatten to 2-D at `axis`, normalise the second part).
     Softmax {
         axis: i64,
@@ -396,6 +401,22 @@ impl Op {
                     (None, BinOp::Sub) => x.broadcast_sub(y)?,
                     (None, BinOp::Mul) => x.broadcast_mul(y)?,
                     (None, BinOp::Div) => x.broadcast_div(y)?,
+                }
+            }
+            Op::AddN { relu } => {
+                let xs = (0..inputs.len()).map(req).collect::<Result<Vec<&Tensor>>>()?;
+                if xs.len() < 2 {
+                    bail!("a fused sum of {} inputs", xs.len());
+                }
+                match kernels::cpu_sum(&xs, *relu) {
+                    Some(z) => z?,
+                    None => {
+                        let mut acc = xs[0].broadcast_add(xs[1])?;
+                        for x in &xs[2..] {
+                            acc = acc.broadcast_add(x)?;
+                        }
+                        if *relu { acc.relu()? } else { acc }
+                    }
                 }
             }
             Op::AddRelu => {
