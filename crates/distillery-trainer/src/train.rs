@@ -28,8 +28,9 @@ use crate::optim::{AdamW, AdamWParams, LrSchedule, clip_grad_norm};
 use crate::source::BatchSource;
 use crate::{Error, Result};
 
-/// What the loop needs from a model: a forward pass in training or inference mode.
-pub trait TrainModel {
+/// What the loop needs from a model: a forward pass in training or inference mode (`Sync`: the
+/// loop runs it on a rayon worker, see `distillery_models::nn::on_pool`).
+pub trait TrainModel: Sync {
     fn forward_t(&self, x: &Tensor, train: bool) -> candle_core::Result<ModelOutput>;
 }
 
