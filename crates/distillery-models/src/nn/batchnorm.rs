@@ -7,6 +7,7 @@
 //! in the op for the backward pass, and writes `y = (x − μ)·γ/σ + β`. The backward uses
 //! `∂β = Σg`, `∂γ = Σg·x̂`, `∂x = γ/σ · (g − ∂β/m − x̂·∂γ/m)` with `m = n·h·w`.
 
+use std::mem::MaybeUninit;
 use std::sync::{Arc, Mutex};
 
 use candle_core::{
@@ -73,38 +74,31 @@ impl BnTrain {
         let mean: Vec<f64> = per_channel.iter().map(|p| p.0).collect();
         let var: Vec<f64> = per_channel.iter().map(|p| p.1).collect();
         let inv_std: Vec<f64> = var.iter().map(|v| 1.0 / (v + self.eps).sqrt()).collect();
-        let mut y = Vec::with_capacity(x.len());
-        y.spare_capacity_mut()[..x.len()].par_chunks_mut(hw).enumerate().for_each(|(p, yp)| {
-            let ch = p % c;
-            let a = inv_std[ch] * g[ch].to_f64();
-            let shift = b[ch].to_f64() - mean[ch] * a;
-            let (a, shift) = (T::from_f64(a), T::from_f64(shift));
-            let (zero, six) = (T::zero(), T::from_f64(6.0));
-            let xp = &x[p * hw..(p + 1) * hw];
-            simd::vectorized(
-                #[inline(always)]
-                || {
-                    if self.relu6 {
-                        for (yv, xv) in yp.iter_mut().zip(xp) {
-                            let v = *xv * a + shift;
-                            yv.write(if v > six {
-                                six
-                            } else if v > zero {
-                                v
-                            } else {
-                                zero
-                            });
+        let fill = |y: &mut [MaybeUninit<T>]| {
+            y.par_chunks_mut(hw).enumerate().for_each(|(p, yp)| {
+                let ch = p % c;
+                let a = inv_std[ch] * g[ch].to_f64();
+                let shift = b[ch].to_f64() - mean[ch] * a;
+                let (a, shift) = (T::from_f64(a), T::from_f64(shift));
+                let xp = &x[p * hw..(p + 1) * hw];
+                simd::vectorized(
+                    #[inline(always)]
+                    || {
+                        if self.relu6 {
+                            for (yv, xv) in yp.iter_mut().zip(xp) {
+                                yv.write(super::clamp6(*xv * a + shift));
+                            }
+                        } else {
+                            for (yv, xv) in yp.iter_mut().zip(xp) {
+                                yv.write(*xv * a + shift);
+                            }
                         }
-                    } else {
-                        for (yv, xv) in yp.iter_mut().zip(xp) {
-                            yv.write(*xv * a + shift);
-                        }
-                    }
-                },
-            )
-        });
-        // SAFETY: every plane of `hw` values was written above.
-        unsafe { y.set_len(x.len()) };
+                    },
+                )
+            })
+        };
+        // SAFETY: the planes cover the buffer and every value of each is written.
+        let y = unsafe { super::written(x.len(), fill) };
         *self.stats.lock().expect("stats lock") = Some(BatchStats { mean, var, inv_std, count: n * hw });
         y
     }
@@ -203,7 +197,7 @@ fn lane_sum<T: WithDType>(p: &[T], shift: f64, f: impl Fn(f64) -> f64) -> f64 {
 /// The gradient where it passes a fused ReLU6 (`0 < y < 6`), else zero.
 #[inline(always)]
 fn passed<T: WithDType>(g: T, y: T, relu6: bool) -> T {
-    if !relu6 || (y > T::zero() && y < T::from_f64(6.0)) { g } else { T::zero() }
+    if !relu6 || super::relu6_passes(y) { g } else { T::zero() }
 }
 
 impl BnTrainBwd {
@@ -246,29 +240,30 @@ impl BnTrainBwd {
             })
             .collect();
         let m = st.count as f64;
-        let mut dx = Vec::with_capacity(x.len());
-        dx.spare_capacity_mut()[..x.len()].par_chunks_mut(hw).enumerate().for_each(|(p, dp)| {
-            let ch = p % c;
-            let (mean, inv) = (st.mean[ch], st.inv_std[ch]);
-            let (dg, db) = red[ch];
-            // ∂x = k·g − k·∂β/m − k·(x − μ)·σ⁻¹·∂γ/m with k = γ/σ, as a·g + b·x + e.
-            let k = self.gamma[ch] * inv;
-            let bx = -k * inv * dg / m;
-            let e = -k * db / m - bx * mean;
-            let (k, bx, e) = (T::from_f64(k), T::from_f64(bx), T::from_f64(e));
-            let r = p * hw..(p + 1) * hw;
-            let (xp, gp, yp) = (&x[r.clone()], &g[r.clone()], &y[r]);
-            simd::vectorized(
-                #[inline(always)]
-                || {
-                    for (((d, xv), gv), yv) in dp.iter_mut().zip(xp).zip(gp).zip(yp) {
-                        d.write(k * passed(*gv, *yv, relu6) + bx * *xv + e);
-                    }
-                },
-            )
-        });
-        // SAFETY: every plane of `hw` values was written above.
-        unsafe { dx.set_len(x.len()) };
+        let fill = |dx: &mut [MaybeUninit<T>]| {
+            dx.par_chunks_mut(hw).enumerate().for_each(|(p, dp)| {
+                let ch = p % c;
+                let (mean, inv) = (st.mean[ch], st.inv_std[ch]);
+                let (dg, db) = red[ch];
+                // ∂x = k·g − k·∂β/m − k·(x − μ)·σ⁻¹·∂γ/m with k = γ/σ, as a·g + b·x + e.
+                let k = self.gamma[ch] * inv;
+                let bx = -k * inv * dg / m;
+                let e = -k * db / m - bx * mean;
+                let (k, bx, e) = (T::from_f64(k), T::from_f64(bx), T::from_f64(e));
+                let r = p * hw..(p + 1) * hw;
+                let (xp, gp, yp) = (&x[r.clone()], &g[r.clone()], &y[r]);
+                simd::vectorized(
+                    #[inline(always)]
+                    || {
+                        for (((d, xv), gv), yv) in dp.iter_mut().zip(xp).zip(gp).zip(yp) {
+                            d.write(k * passed(*gv, *yv, relu6) + bx * *xv + e);
+                        }
+                    },
+                )
+            })
+        };
+        // SAFETY: the planes cover the buffer and every value of each is written.
+        let dx = unsafe { super::written(x.len(), fill) };
         *self.reductions.lock().expect("reductions lock") =
             Some((red.iter().map(|r| r.0).collect(), red.iter().map(|r| r.1).collect()));
         dx

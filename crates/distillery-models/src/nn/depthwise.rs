@@ -180,18 +180,30 @@ fn check_kernel(l: &Layout, c: usize, op: &str) -> Result<()> {
     Ok(())
 }
 
+/// Each `h×w` plane of `src` (`[n, c, h, w]`) convolved with the 3×3 taps `taps(channel)`
+/// (padding 1, `stride`) by the vectorised row kernel of [`super::fastconv`].
+fn planes_f32(
+    src: &[f32],
+    (n, c, h, w): (usize, usize, usize, usize),
+    stride: usize,
+    taps: impl Fn(usize) -> [f32; 9] + Sync,
+) -> Vec<f32> {
+    let (ho, wo) = (out_side(h, stride), out_side(w, stride));
+    let mut y = vec![0f32; n * c * ho * wo];
+    y.par_chunks_mut(ho * wo).enumerate().for_each(|(p, yp)| {
+        let plane = &src[p * h * w..(p + 1) * h * w];
+        super::fastconv::depthwise3x3_plane(plane, &taps(p % c), yp, (h, w), stride);
+    });
+    y
+}
+
 impl DwFwd {
     /// f32: each plane through the vectorised row kernel of [`super::fastconv`].
     fn run_f32(&self, xs: &[f32], xl: &Layout, ks: &[f32]) -> Result<(Vec<f32>, Shape)> {
         let (n, c, h, w) = dims4(xl, self.name(), "input")?;
-        let (ho, wo) = (out_side(h, self.stride), out_side(w, self.stride));
-        let mut y = vec![0f32; n * c * ho * wo];
-        y.par_chunks_mut(ho * wo).enumerate().for_each(|(p, yp)| {
-            let ch = p % c;
-            let k: &[f32; 9] = ks[ch * 9..ch * 9 + 9].try_into().expect("nine taps");
-            super::fastconv::depthwise3x3_plane(&xs[p * h * w..(p + 1) * h * w], k, yp, (h, w), self.stride);
-        });
-        Ok((y, Shape::from((n, c, ho, wo))))
+        let taps = |ch: usize| -> [f32; 9] { ks[ch * 9..ch * 9 + 9].try_into().expect("nine taps") };
+        let y = planes_f32(xs, (n, c, h, w), self.stride, taps);
+        Ok((y, Shape::from((n, c, out_side(h, self.stride), out_side(w, self.stride)))))
     }
 
     fn run<T: WithDType>(&self, xs: &[T], xl: &Layout, ks: &[T]) -> Result<(Vec<T>, Shape)> {
@@ -272,12 +284,7 @@ impl DwBwdInput {
         if (ho, wo) != (h, w) {
             bail!("{}: grad {:?} does not match input side {h}×{w}", self.name(), gl.dims());
         }
-        let mut gx = vec![0f32; n * c * h * w];
-        gx.par_chunks_mut(h * w).enumerate().for_each(|(p, gp)| {
-            let ch = p % c;
-            let k: [f32; 9] = std::array::from_fn(|i| ks[ch * 9 + 8 - i]);
-            super::fastconv::depthwise3x3_plane(&gs[p * h * w..(p + 1) * h * w], &k, gp, (h, w), 1);
-        });
+        let gx = planes_f32(gs, (n, c, h, w), 1, |ch| std::array::from_fn(|i| ks[ch * 9 + 8 - i]));
         Ok((gx, Shape::from((n, c, h, w))))
     }
 

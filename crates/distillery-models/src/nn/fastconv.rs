@@ -19,7 +19,7 @@
 use std::cell::RefCell;
 
 use super::simd::{self, Vf32, WithLanes};
-use candle_core::{CpuStorage, DType, Device, Result, Storage, Tensor, bail};
+use candle_core::{CpuStorage, DType, Device, Layout, Result, Storage, Tensor, bail};
 use rayon::prelude::*;
 
 /// Shape of a convolution: channels, kernel, stride and zero padding per axis.
@@ -331,16 +331,17 @@ unsafe fn depthwise_tile<V: Vf32>(
             && g.kw == 3
             && g.stride_w <= 2
         {
+            let axes = ((g.stride_h, g.pad_h), (g.stride_w, g.pad_w));
             for (off, oy, (ox0, ox1)) in row_segments(j0..j1, wo) {
-                let rows: [&[f32]; 3] = std::array::from_fn(|ky| {
-                    let iy = (oy * g.stride_h + ky).wrapping_sub(g.pad_h);
-                    if iy < h { &plane[iy * w..][..w] } else { &zeros[..] }
-                });
                 let out = &mut row[off..off + (ox1 - ox0)];
-                match g.stride_w {
-                    1 => depthwise3x3_row::<V, 1>(out, ox0, rows, k, g.pad_w, bias, dw.relu),
-                    _ => depthwise3x3_row::<V, 2>(out, ox0, rows, k, g.pad_w, bias, dw.relu),
-                }
+                depthwise3x3_output_row::<V>(
+                    out,
+                    (oy, ox0),
+                    (plane, (h, w), &zeros),
+                    k,
+                    axes,
+                    (bias, dw.relu),
+                );
             }
             continue;
         }
@@ -377,6 +378,28 @@ unsafe fn depthwise_tile<V: Vf32>(
         if dw.relu {
             row.iter_mut().for_each(|v| *v = v.max(0.0));
         }
+    }
+}
+
+/// Output row `oy` (columns `ox0..ox0 + out.len()`) of a 3×3 depthwise convolution of one `h×w`
+/// plane, with `(stride, top/left pad)` per axis (horizontal stride 1 or 2); rows outside the
+/// image read as `zeros` (at least a row long).
+#[inline(always)]
+fn depthwise3x3_output_row<V: Vf32>(
+    out: &mut [f32],
+    (oy, ox0): (usize, usize),
+    (plane, (h, w), zeros): (&[f32], (usize, usize), &[f32]),
+    k: &[f32; 9],
+    ((stride_h, pad_h), (stride_w, pad_w)): ((usize, usize), (usize, usize)),
+    (bias, relu): (f32, bool),
+) {
+    let rows: [&[f32]; 3] = std::array::from_fn(|ky| {
+        let iy = (oy * stride_h + ky).wrapping_sub(pad_h);
+        if iy < h { &plane[iy * w..][..w] } else { &zeros[..w] }
+    });
+    match stride_w {
+        1 => depthwise3x3_row::<V, 1>(out, ox0, rows, k, pad_w, bias, relu),
+        _ => depthwise3x3_row::<V, 2>(out, ox0, rows, k, pad_w, bias, relu),
     }
 }
 
@@ -537,17 +560,11 @@ impl WithLanes for Plane<'_> {
     #[inline(always)]
     fn run<V: Vf32>(self) {
         let Plane { x, k, y, hw: (h, w), stride } = self;
-        let (ho, wo) = ((h - 1) / stride + 1, (w - 1) / stride + 1);
+        let (ho, wo) = (super::depthwise::out_side(h, stride), super::depthwise::out_side(w, stride));
         let zeros = vec![0f32; w];
         for (oy, out) in y.chunks_exact_mut(wo).take(ho).enumerate() {
-            let rows: [&[f32]; 3] = std::array::from_fn(|ky| {
-                let iy = (oy * stride + ky).wrapping_sub(1);
-                if iy < h { &x[iy * w..][..w] } else { &zeros[..] }
-            });
-            match stride {
-                1 => depthwise3x3_row::<V, 1>(out, 0, rows, k, 1, 0.0, false),
-                _ => depthwise3x3_row::<V, 2>(out, 0, rows, k, 1, 0.0, false),
-            }
+            let axes = ((stride, 1), (stride, 1));
+            depthwise3x3_output_row::<V>(out, (oy, 0), (x, (h, w), &zeros), k, axes, (0.0, false));
         }
     }
 }
@@ -777,30 +794,30 @@ pub fn conv2d_within(
     unsafe { conv_raw(op, x, s, d, None) }
 }
 
+/// The contiguous f32 values behind a CPU tensor's storage, or `None` for other storage.
+fn contiguous_f32<'a>(storage: &'a Storage, layout: &Layout) -> Option<&'a [f32]> {
+    let Storage::Cpu(CpuStorage::F32(v)) = storage else { return None };
+    let (a, b) = layout.contiguous_offsets()?;
+    Some(&v[a..b])
+}
+
 /// The contiguous f32 contents of a CPU tensor, or `None` for other devices and dtypes.
+pub fn cpu_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Option<R> {
+    if !t.device().is_cpu() || t.dtype() != DType::F32 {
+        return None;
+    }
+    let (storage, layout) = t.storage_and_layout();
+    Some(f(contiguous_f32(&storage, layout)?))
+}
+
 /// [`cpu_f32`] for several tensors at once: `f` gets all their values, in order.
 pub fn cpu_f32_all<R>(ts: &[&Tensor], f: impl FnOnce(&[&[f32]]) -> R) -> Option<R> {
     if ts.iter().any(|t| !t.device().is_cpu() || t.dtype() != DType::F32) {
         return None;
     }
     let guards: Vec<_> = ts.iter().map(|t| t.storage_and_layout()).collect();
-    let mut slices = Vec::with_capacity(ts.len());
-    for (storage, layout) in &guards {
-        let Storage::Cpu(CpuStorage::F32(v)) = &**storage else { return None };
-        let (a, b) = layout.contiguous_offsets()?;
-        slices.push(&v[a..b]);
-    }
+    let slices = guards.iter().map(|(s, l)| contiguous_f32(s, l)).collect::<Option<Vec<_>>>()?;
     Some(f(&slices))
-}
-
-pub fn cpu_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Option<R> {
-    if !t.device().is_cpu() || t.dtype() != DType::F32 {
-        return None;
-    }
-    let (storage, layout) = t.storage_and_layout();
-    let Storage::Cpu(CpuStorage::F32(v)) = &*storage else { return None };
-    let (a, b) = layout.contiguous_offsets()?;
-    Some(f(&v[a..b]))
 }
 
 /// A convolution's weights flattened to `[c_out, c_in·kh·kw]` on the host, when `weight` lives

@@ -398,54 +398,68 @@ struct Relu6;
 /// `(res, grad) → grad · [0 < res < 6]`: the gradient of [`relu6`] given its output.
 struct Relu6Bwd;
 
-fn relu6_map<T: WithDType>(x: &[T]) -> Vec<T> {
-    let six = T::from_f64(6.0);
-    let mut y = Vec::with_capacity(x.len());
-    let out = &mut y.spare_capacity_mut()[..x.len()];
-    out.par_chunks_mut(PAR_CHUNK).zip(x.par_chunks(PAR_CHUNK)).for_each(|(yc, xc)| {
-        simd::vectorized(
-            #[inline(always)]
-            || relu6_chunk(yc, xc, six),
-        )
-    });
-    // SAFETY: every element was written above.
-    unsafe { y.set_len(x.len()) };
-    y
+/// A vector of `n` values written by `fill` into its fresh buffer, without zeroing it first.
+///
+/// # Safety
+/// `fill` must write every element of the slice it is given.
+pub(crate) unsafe fn written<T>(n: usize, fill: impl FnOnce(&mut [MaybeUninit<T>])) -> Vec<T> {
+    let mut v = Vec::with_capacity(n);
+    fill(&mut v.spare_capacity_mut()[..n]);
+    // SAFETY: `fill` wrote all `n` elements (the caller's contract).
+    unsafe { v.set_len(n) };
+    v
 }
 
+/// `min(max(v, 0), 6)`, 0 for NaN: ReLU6 of one value.
 #[inline(always)]
-fn relu6_chunk<T: WithDType>(yc: &mut [MaybeUninit<T>], xc: &[T], six: T) {
-    for (yv, xv) in yc.iter_mut().zip(xc) {
-        let v = *xv;
-        yv.write(if v > six {
-            six
-        } else if v > T::zero() {
-            v
-        } else {
-            T::zero()
-        });
+pub(crate) fn clamp6<T: WithDType>(v: T) -> T {
+    let six = T::from_f64(6.0);
+    if v > six {
+        six
+    } else if v > T::zero() {
+        v
+    } else {
+        T::zero()
+    }
+}
+
+/// Whether the gradient passes back through a ReLU6 whose output is `y` (`0 < y < 6`).
+#[inline(always)]
+pub(crate) fn relu6_passes<T: WithDType>(y: T) -> bool {
+    y > T::zero() && y < T::from_f64(6.0)
+}
+
+fn relu6_map<T: WithDType>(x: &[T]) -> Vec<T> {
+    // SAFETY: the chunks cover the buffer and every element of each is written.
+    unsafe {
+        written(x.len(), |out| {
+            out.par_chunks_mut(PAR_CHUNK).zip(x.par_chunks(PAR_CHUNK)).for_each(|(yc, xc)| {
+                simd::vectorized(
+                    #[inline(always)]
+                    || yc.iter_mut().zip(xc).for_each(|(yv, &xv)| _ = yv.write(clamp6(xv))),
+                )
+            })
+        })
     }
 }
 
 fn relu6_bwd_map<T: WithDType>(res: &[T], g: &[T]) -> Vec<T> {
-    let six = T::from_f64(6.0);
-    let mut out = Vec::with_capacity(g.len());
-    let spare = &mut out.spare_capacity_mut()[..g.len()];
-    spare.par_chunks_mut(PAR_CHUNK).zip(res.par_chunks(PAR_CHUNK).zip(g.par_chunks(PAR_CHUNK))).for_each(
-        |(oc, (rc, gc))| {
-            simd::vectorized(
-                #[inline(always)]
-                || {
-                    for ((o, r), gv) in oc.iter_mut().zip(rc).zip(gc) {
-                        o.write(if *r > T::zero() && *r < six { *gv } else { T::zero() });
-                    }
-                },
-            )
-        },
-    );
-    // SAFETY: every element was written above.
-    unsafe { out.set_len(g.len()) };
-    out
+    let chunks = res.par_chunks(PAR_CHUNK).zip(g.par_chunks(PAR_CHUNK));
+    // SAFETY: the chunks cover the buffer and every element of each is written.
+    unsafe {
+        written(g.len(), |out| {
+            out.par_chunks_mut(PAR_CHUNK).zip(chunks).for_each(|(oc, (rc, gc))| {
+                simd::vectorized(
+                    #[inline(always)]
+                    || {
+                        for ((o, &r), &gv) in oc.iter_mut().zip(rc).zip(gc) {
+                            o.write(if relu6_passes(r) { gv } else { T::zero() });
+                        }
+                    },
+                )
+            })
+        })
+    }
 }
 
 fn slice_of<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [T]> {

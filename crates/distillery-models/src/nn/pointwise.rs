@@ -124,34 +124,34 @@ fn per_image_product<T: WithDType>(
     src: &[T],
     (n, m, k, hw): (usize, usize, usize, usize),
 ) -> Vec<T> {
-    // Written whole by the gemms below (they overwrite, never read, their output).
-    let mut out: Vec<T> = Vec::with_capacity(n * m * hw);
     let threads = rayon::current_num_threads();
     let cols = column_tiles(n, hw, threads);
     let per_img = hw.div_ceil(cols).max(1);
     let tasks = n * per_img;
     let inner = if tasks >= threads { gemm::Parallelism::None } else { gemm::Parallelism::Rayon(threads) };
-    let dst = SendPtr(out.as_mut_ptr());
     let (lhs_ptr, lhs_rs, lhs_cs) = (SendPtr(lhs.ptr.cast_mut()), lhs.rs, lhs.cs);
-    let run = |t: usize| {
-        let (b, j0) = (t / per_img, (t % per_img) * cols);
-        let nc = cols.min(hw - j0);
-        let lhs = Mat { ptr: lhs_ptr.get().cast_const(), rs: lhs_rs, cs: lhs_cs };
-        // SAFETY: image `b` of `src` is `k×hw` and of `out` `m×hw`; this task owns columns
-        // j0..j0+nc of image `b` of `out`.
-        unsafe {
-            let rhs = Mat { ptr: src.as_ptr().add(b * k * hw + j0), rs: hw, cs: 1 };
-            gemm((m, nc, k), dst.get().add(b * m * hw + j0), hw, false, lhs, rhs, inner);
+    let fill = |out: &mut [std::mem::MaybeUninit<T>]| {
+        let dst = SendPtr(out.as_mut_ptr().cast::<T>());
+        let run = |t: usize| {
+            let (b, j0) = (t / per_img, (t % per_img) * cols);
+            let nc = cols.min(hw - j0);
+            let lhs = Mat { ptr: lhs_ptr.get().cast_const(), rs: lhs_rs, cs: lhs_cs };
+            // SAFETY: image `b` of `src` is `k×hw` and of `out` `m×hw`; this task owns columns
+            // j0..j0+nc of image `b` of `out`.
+            unsafe {
+                let rhs = Mat { ptr: src.as_ptr().add(b * k * hw + j0), rs: hw, cs: 1 };
+                gemm((m, nc, k), dst.get().add(b * m * hw + j0), hw, false, lhs, rhs, inner);
+            }
+        };
+        if tasks >= threads {
+            (0..tasks).into_par_iter().for_each(run);
+        } else {
+            (0..tasks).for_each(run);
         }
     };
-    if tasks >= threads {
-        (0..tasks).into_par_iter().for_each(run);
-    } else {
-        (0..tasks).for_each(run);
-    }
-    // SAFETY: the tasks cover every column of every image, and each gemm wrote its m×nc block.
-    unsafe { out.set_len(n * m * hw) };
-    out
+    // SAFETY: the tasks cover every column of every image, and each gemm writes (never reads)
+    // its m×nc block.
+    unsafe { super::written(n * m * hw, fill) }
 }
 
 impl PwFwd {

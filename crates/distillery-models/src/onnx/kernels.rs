@@ -18,7 +18,7 @@ use rayon::prelude::*;
 use super::proto::Attrs;
 use crate::cost;
 use crate::nn::fastconv::{self, ConvGeom, DepthwiseStage, Epilogue, FusedConv};
-use crate::nn::simd;
+use crate::nn::{self, simd};
 
 /// ONNX `auto_pad`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -543,22 +543,22 @@ const PAR_MIN: usize = 1 << 14;
 /// for the many small maps of a mobile network at batch 1.
 pub(crate) fn cpu_map(x: &Tensor, f: impl Fn(f32) -> f32 + Sync) -> Option<Result<Tensor>> {
     let v = fastconv::cpu_f32(x, |a| {
-        let mut out = Vec::with_capacity(a.len());
         let run = |(o, a): (&mut [MaybeUninit<f32>], &[f32])| {
             simd::vectorized(
                 #[inline(always)]
                 || o.iter_mut().zip(a).for_each(|(o, &a)| _ = o.write(f(a))),
             )
         };
-        let o = &mut out.spare_capacity_mut()[..a.len()];
-        if a.len() < PAR_MIN {
-            run((o, a));
-        } else {
-            o.par_chunks_mut(PAR_MIN / 2).zip(a.par_chunks(PAR_MIN / 2)).for_each(run);
+        // SAFETY: the chunks cover the buffer and every element of each is written.
+        unsafe {
+            nn::written(a.len(), |o| {
+                if a.len() < PAR_MIN {
+                    run((o, a));
+                } else {
+                    o.par_chunks_mut(PAR_MIN / 2).zip(a.par_chunks(PAR_MIN / 2)).for_each(run);
+                }
+            })
         }
-        // SAFETY: every element was written above.
-        unsafe { out.set_len(a.len()) };
-        out
     })?;
     Some(Tensor::from_vec(v, x.shape(), x.device()))
 }
@@ -574,23 +574,23 @@ pub(crate) fn cpu_zip(x: &Tensor, y: &Tensor, f: impl Fn(f32, f32) -> f32 + Sync
     }
     let v = fastconv::cpu_f32(x, |a| {
         fastconv::cpu_f32(y, |b| {
-            let mut out = Vec::with_capacity(a.len());
             let run = |(o, (a, b)): (&mut [MaybeUninit<f32>], Operands<'_>)| {
                 simd::vectorized(
                     #[inline(always)]
                     || o.iter_mut().zip(a.iter().zip(b)).for_each(|(o, (&a, &b))| _ = o.write(f(a, b))),
                 )
             };
-            let o = &mut out.spare_capacity_mut()[..a.len()];
-            if a.len() < PAR_MIN {
-                run((o, (a, b)));
-            } else {
-                let chunks = a.par_chunks(PAR_MIN / 2).zip(b.par_chunks(PAR_MIN / 2));
-                o.par_chunks_mut(PAR_MIN / 2).zip(chunks).for_each(run);
+            // SAFETY: the chunks cover the buffer and every element of each is written.
+            unsafe {
+                nn::written(a.len(), |o| {
+                    if a.len() < PAR_MIN {
+                        run((o, (a, b)));
+                    } else {
+                        let chunks = a.par_chunks(PAR_MIN / 2).zip(b.par_chunks(PAR_MIN / 2));
+                        o.par_chunks_mut(PAR_MIN / 2).zip(chunks).for_each(run);
+                    }
+                })
             }
-            // SAFETY: every element was written above.
-            unsafe { out.set_len(a.len()) };
-            out
         })
     })??;
     Some(Tensor::from_vec(v, x.shape(), x.device()))
@@ -607,7 +607,6 @@ pub(crate) fn cpu_sum(xs: &[&Tensor], relu: bool) -> Option<Result<Tensor>> {
     let v = fastconv::cpu_f32_all(xs, |srcs| {
         const CHUNK: usize = 1024;
         let len = srcs[0].len();
-        let mut out = Vec::with_capacity(len);
         let run = |(c, o): (usize, &mut [MaybeUninit<f32>])| {
             simd::vectorized(
                 #[inline(always)]
@@ -625,15 +624,16 @@ pub(crate) fn cpu_sum(xs: &[&Tensor], relu: bool) -> Option<Result<Tensor>> {
                 },
             )
         };
-        let spare = &mut out.spare_capacity_mut()[..len];
-        if len < PAR_MIN {
-            spare.chunks_mut(CHUNK).enumerate().for_each(run);
-        } else {
-            spare.par_chunks_mut(CHUNK).enumerate().for_each(run);
+        // SAFETY: the chunks cover the buffer and every element of each is written.
+        unsafe {
+            nn::written(len, |spare| {
+                if len < PAR_MIN {
+                    spare.chunks_mut(CHUNK).enumerate().for_each(run);
+                } else {
+                    spare.par_chunks_mut(CHUNK).enumerate().for_each(run);
+                }
+            })
         }
-        // SAFETY: every chunk was written above.
-        unsafe { out.set_len(len) };
-        out
     })?;
     Some(Tensor::from_vec(v, first.shape(), first.device()))
 }
