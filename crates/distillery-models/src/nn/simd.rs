@@ -67,26 +67,16 @@ fn detected() -> Level {
 /// `f` must be `#[inline(always)]`, as must what it calls).
 #[inline(always)]
 pub fn vectorized<R>(f: impl FnOnce() -> R) -> R {
-    #[cfg(target_arch = "x86_64")]
-    match level() {
-        // SAFETY: `level` returns these only when the CPU has the features the wrappers enable.
-        Level::Avx512 => return unsafe { avx512(f) },
-        Level::Avx2 => return unsafe { avx2(f) },
-        Level::Baseline => {}
+    /// The closure as a kernel of [`with_lanes`], which ignores the register type.
+    struct Loop<F>(F);
+    impl<R, F: FnOnce() -> R> WithLanes for Loop<F> {
+        type Output = R;
+        #[inline(always)]
+        fn run<V: Vf32>(self) -> R {
+            (self.0)()
+        }
     }
-    f()
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx2,fma,bmi1,bmi2,lzcnt,popcnt")]
-unsafe fn avx512<R>(f: impl FnOnce() -> R) -> R {
-    f()
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma,bmi1,bmi2,lzcnt,popcnt")]
-unsafe fn avx2<R>(f: impl FnOnce() -> R) -> R {
-    f()
+    with_lanes(Loop(f))
 }
 
 /// A register of f32 lanes, for kernels whose loops LLVM does not vectorise on its own (short
