@@ -139,6 +139,11 @@ fn layers_against_cpu(dev: &Device) -> candle_core::Result<f32> {
         let name = format!("depthwise {c}x{side}x{side} stride {stride}");
         worst = worst.max(layer_parity(dev, &name, &[x, w], |v| depthwise_conv3x3(&v[0], &v[1], stride))?);
     }
+    // The stem: a dense 3×3 stride-2 convolution, here on sides of mixed parity.
+    let (x, w) = (randn(&[4, 3, 18, 17], 1.0)?, randn(&[32, 3, 3, 3], 0.3)?);
+    worst = worst.max(layer_parity(dev, "conv 3x3 stride 2, 3→32 at 18x17", &[x, w], |v| {
+        distillery_models::nn::im2col::conv2d_unfolded(&v[0], &v[1], 2, 1)
+    })?);
     let (x, w) = (randn(&[4, 320, 2, 2], 1.0)?, randn(&[1280, 320, 1, 1], 0.05)?);
     worst = worst
         .max(layer_parity(dev, "pointwise 320→1280 at 2x2", &[x, w], |v| pointwise_conv(&v[0], &v[1]))?);

@@ -4,7 +4,8 @@
 //! candle's CPU convolution backward runs a direct transposed convolution built on dot products,
 //! which for small students costs tens of times the forward. With `x → im2col(x)` and
 //! `y = W · cols`, both gradients are matmuls plus one scatter-add (`col2im`), which is what
-//! [`conv2d_unfolded`] does.
+//! [`conv2d_unfolded`] does. Devices without these CPU ops unfold with a composition of candle
+//! ops instead, so the same convolution runs everywhere.
 //!
 //! Layout: for `x [n, c, h, w]`, a `kh×kw` kernel, `stride` and zero `padding`,
 //! `cols [n, c·kh·kw, ho·wo]` with row `ci·kh·kw + ky·kw + kx` and column `oy·wo + ox` holding
@@ -178,11 +179,51 @@ impl CustomOp1 for Col2im {
 }
 
 /// Unfolds `x [n,c,h,w]` into `[n, c·kh·kw, ho·wo]` (see the module docs); differentiable.
+///
+/// On the CPU a hand-written op; elsewhere (and under [`super::with_portable_layers`]) a
+/// composition of candle ops, [`im2col_composed`].
 pub fn im2col(x: &Tensor, kh: usize, kw: usize, stride: usize, padding: usize) -> Result<Tensor> {
     if stride == 0 || kh == 0 || kw == 0 {
         bail!("im2col: kernel {kh}×{kw} and stride {stride} must be positive");
     }
-    x.contiguous()?.apply_op1(Im2col(Geometry { kh, kw, stride, padding }))
+    let g = Geometry { kh, kw, stride, padding };
+    if !super::cpu_kernels(x) {
+        return im2col_composed(x, g);
+    }
+    x.contiguous()?.apply_op1(Im2col(g))
+}
+
+/// [`im2col`] from candle's pad, reshape, narrow and stack: one window per kernel tap, each a
+/// contiguous block of one of `stride²` phase planes, so its backward is candle's own (no
+/// convolution backward, which on CUDA runs a convolution with an image-sized kernel through
+/// cuDNN and at large batches faults).
+fn im2col_composed(x: &Tensor, g: Geometry) -> Result<Tensor> {
+    let (n, c, h, w) = x.dims4()?;
+    let (ho, wo) = (g.out_side(h, g.kh)?, g.out_side(w, g.kw)?);
+    let (s, p) = (g.stride, g.padding);
+    // Tap (ky, kx) reads padded rows ky + s·i (i < ho): row q = ky/s + i of phase ky % s. Each
+    // phase plane therefore needs ho + (kh−1)/s rows; rows past the padded image are zeros that
+    // no output reads.
+    let (ph, pw) = (s * (ho + (g.kh - 1) / s), s * (wo + (g.kw - 1) / s));
+    let fit = |t: Tensor, dim: usize, have: usize, want: usize| -> Result<Tensor> {
+        if have >= want { t.narrow(dim, 0, want) } else { t.pad_with_zeros(dim, 0, want - have) }
+    };
+    let xp = x.pad_with_zeros(2, p, p)?.pad_with_zeros(3, p, p)?;
+    let xp = fit(fit(xp, 2, h + 2 * p, ph)?, 3, w + 2 * p, pw)?;
+    let r = xp.reshape((n, c, ph / s, s, pw / s, s))?;
+    let mut phases = Vec::with_capacity(s * s);
+    for a in 0..s {
+        for b in 0..s {
+            phases.push(r.narrow(3, a, 1)?.narrow(5, b, 1)?.reshape((n, c, ph / s, pw / s))?);
+        }
+    }
+    let mut taps = Vec::with_capacity(g.kh * g.kw);
+    for ky in 0..g.kh {
+        for kx in 0..g.kw {
+            taps.push(phases[(ky % s) * s + kx % s].narrow(2, ky / s, ho)?.narrow(3, kx / s, wo)?);
+        }
+    }
+    Tensor::stack(&taps, 2)?.reshape((n, c * g.kh * g.kw, ho * wo))
 }
 
 /// Convolution `x [n,c_in,h,w] ⊛ weight [c_out,c_in,kh,kw]` (no bias, no groups, no dilation)
@@ -238,6 +279,46 @@ mod tests {
             let x = rand_var((2, 2, h, w), 1)?;
             let wt = rand_var((3, 2, k, k), 2)?;
             check_grads(&[&x, &wt], 1e-6, 1e-6, |v| conv2d_unfolded(&v[0], &v[1], stride, padding))?;
+        }
+        Ok(())
+    }
+
+    /// The composition other devices run gives the op's columns and gradients, on every geometry
+    /// the op is tested with.
+    #[test]
+    fn composed_form_matches_the_op() -> Result<()> {
+        let dev = Device::Cpu;
+        for (h, w) in [(5, 5), (6, 6), (7, 4), (3, 3), (2, 5)] {
+            for (k, stride, padding) in [(3, 1, 1), (3, 2, 1), (1, 1, 0), (1, 2, 0), (3, 1, 0), (5, 2, 2), (3, 3, 1)] {
+                if h + 2 * padding < k || w + 2 * padding < k {
+                    continue;
+                }
+                let x = candle_core::Var::from_tensor(&Tensor::randn(0f64, 1., (2, 3, h, w), &dev)?)?;
+                let ours = im2col(&x, k, k, stride, padding)?;
+                let composed = crate::nn::with_portable_layers(|| im2col(&x, k, k, stride, padding))?;
+                let what = format!("{h}x{w} k{k} s{stride} p{padding}");
+                assert_eq!(ours.dims(), composed.dims(), "{what}");
+                assert_eq!(ours.flatten_all()?.to_vec1::<f64>()?, composed.flatten_all()?.to_vec1::<f64>()?, "{what}");
+                let c = Tensor::randn(0f64, 1., ours.shape(), &dev)?;
+                let g_ours = (ours * &c)?.sum_all()?.backward()?.get(&x).cloned().expect("gradient");
+                let g_comp = (composed * &c)?.sum_all()?.backward()?.get(&x).cloned().expect("gradient");
+                let d = (g_ours - g_comp)?.abs()?.max_all()?.to_scalar::<f64>()?;
+                assert!(d < 1e-12, "{what}: gradients differ by {d}");
+            }
+        }
+        Ok(())
+    }
+
+    /// The convolution on the composed path passes the finite-difference check, mixed parity and
+    /// stride 2 included.
+    #[test]
+    fn composed_gradients_match_finite_differences() -> Result<()> {
+        for (h, w, k, stride, padding) in [(6, 5, 3, 2, 1), (5, 4, 3, 1, 0), (7, 7, 5, 2, 2)] {
+            let x = rand_var((2, 2, h, w), 3)?;
+            let wt = rand_var((3, 2, k, k), 4)?;
+            crate::nn::with_portable_layers(|| {
+                check_grads(&[&x, &wt], 1e-6, 1e-6, |v| conv2d_unfolded(&v[0], &v[1], stride, padding))
+            })?;
         }
         Ok(())
     }

@@ -5,10 +5,10 @@
 //! - [`Pointwise`]: 1×1 convolution as gemms over the `[n, c, h·w]` view, forward and both
 //!   gradients (see [`pointwise`]); on other devices a batched matmul, whose backward is ~4×
 //!   faster than candle's conv backward.
-//! - [`Conv2d`]: the remaining (stem, ResNet, tiny) convolutions, computed on CPU as `W · im2col(x)`
-//!   (see [`im2col`]): candle's direct convolution backward is tens of times slower than its
-//!   forward, and fails for stride 2 when height and width differ in parity. Other devices use
-//!   candle's convolution and reject such inputs up front with a clear error.
+//! - [`Conv2d`]: the remaining (stem, ResNet, tiny) convolutions, computed as `W · im2col(x)`
+//!   (see [`im2col`]; on other devices the unfolding is a composition of candle ops): candle's
+//!   direct convolution backward is tens of times slower than its forward on the CPU, fails for
+//!   stride 2 when height and width differ in parity, and on CUDA faults at large batches.
 //! - [`BatchNorm2d`]: train/eval batch norm whose running statistics are [`Var`]s registered in
 //!   the `VarMap`, so they are saved with the weights (the optimiser skips them: they get no
 //!   gradient).
@@ -118,20 +118,9 @@ impl Conv2d {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let (n, _, h, w) = x.dims4()?;
+        let n = x.dim(0)?;
         let (c_out, c_in, kh, kw) = self.weight.dims4()?;
-        let y = if cpu_kernels(x) {
-            im2col::conv2d_unfolded(x, &self.weight, self.stride, self.padding)?
-        } else {
-            if self.stride > 1 && h % 2 != w % 2 {
-                // candle's conv2d backward mis-sizes its gradient in this case.
-                bail!(
-                    "conv2d: stride-{} input must have height and width of equal parity, got {h}×{w}",
-                    self.stride
-                );
-            }
-            x.conv2d(&self.weight, self.padding, self.stride, 1, 1)?
-        };
+        let y = im2col::conv2d_unfolded(x, &self.weight, self.stride, self.padding)?;
         let (_, _, ho, wo) = y.dims4()?;
         cost::record(cost::conv2d_macs(&[n, c_out, ho, wo], c_in, kh, kw));
         match &self.bias {
