@@ -14,8 +14,9 @@
 # FEATURES (default distillery-models/cudnn; distillery-models/cuda without cuDNN) the backend.
 # Sizes: EMONET_BENCH_BATCHES, STUDENT_BENCH_SHAPES, EMONET_BENCH_ITERS, STUDENT_BENCH_STEPS
 # (defaults below, larger than the CPU benches': a GPU only fills up at larger batches);
-# BENCH_TIMEOUT (default 180 s) bounds each program; EXTRAS=0 skips the TF32 and bf16 passes
-# (for a short run).
+# BENCH_TIMEOUT (default 180 s) bounds each program. For a short run: EXTRAS=0 skips the TF32
+# and bf16 passes, PYTORCH=0 the PyTorch reference, RUN="student_train onnx_faceapi" runs only
+# those benches.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mode="${1:-}"
@@ -70,7 +71,8 @@ case "$mode" in
       nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
     } | tee "$results"
     status=0
-    for b in "${benches[@]}"; do
+    read -r -a chosen <<<"${RUN:-${benches[*]}}"
+    for b in "${chosen[@]}"; do
       gunzip -kf "$dir/bin/$b.gz"
       chmod +x "$dir/bin/$b"
       echo "## $b" | tee -a "$results"
@@ -83,8 +85,10 @@ case "$mode" in
         DISTILLERY_TF32=1 timeout "$limit" "$dir/bin/$b" 2>&1 | tee -a "$results" || { echo "FAILED: $b (TF32)" | tee -a "$results"; status=1; }
       done
     fi
-    echo "## pytorch reference" | tee -a "$results"
-    timeout "$limit" python3 benches/reference/bench_pytorch.py 2>&1 | tee -a "$results" || status=1
+    if [ "${PYTORCH:-1}" != 0 ]; then
+      echo "## pytorch reference" | tee -a "$results"
+      timeout "$limit" python3 benches/reference/bench_pytorch.py 2>&1 | tee -a "$results" || status=1
+    fi
     if [ "${EXTRAS:-1}" != 0 ]; then
       echo "## pytorch reference, emonet in bf16" | tee -a "$results"
       BENCHES=emonet_forward EMONET_BENCH_DTYPE=bf16 timeout "$limit" python3 benches/reference/bench_pytorch.py 2>&1 | tee -a "$results" || status=1
@@ -92,7 +96,7 @@ case "$mode" in
     exit "$status"
     ;;
   *)
-    sed -n '2,17p' "$0"
+    sed -n '2,18p' "$0"
     exit 2
     ;;
 esac

@@ -4,13 +4,16 @@
 //! candle-nn's `AdamW` keeps its moments private, so a resumed run could not continue exactly; this
 //! implementation follows the same update (Loshchilov & Hutter's decoupled decay, as in PyTorch) and
 //! exposes its state as named tensors. Weight decay applies only to parameters of rank ≥ 2 (weight
-//! matrices and kernels); biases and normalisation scales/shifts (rank 1) are not decayed.
+//! matrices and kernels); biases and normalisation scales/shifts (rank 1) are not decayed. Each
+//! parameter's update is [`distillery_models::nn::adamw`]'s two in-place ops (two kernel launches
+//! on a GPU, where the written-out update took a dozen).
 
 use std::collections::HashMap;
 use std::path::Path;
 
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor, Var};
+use distillery_models::nn::adamw::{AdamWStep, adamw_moments, adamw_update};
 
 use crate::error::TensorContext;
 use crate::{Error, Result};
@@ -29,8 +32,8 @@ struct Param {
     name: String,
     var: Var,
     decay: bool,
-    m: Tensor,
-    v: Tensor,
+    /// The moments, `[2, numel]`: m, then v (updated in place).
+    mv: Tensor,
     /// Updates applied to this parameter (parameters without a gradient in a step are skipped).
     t: u64,
 }
@@ -50,10 +53,9 @@ impl AdamW {
             .into_iter()
             .filter(|(_, v)| v.dtype().is_float())
             .map(|(name, var)| {
-                let m = var.zeros_like().op("adamw: init moments")?;
-                let v = var.zeros_like().op("adamw: init moments")?;
+                let mv = adamw_moments(&var).op("adamw: init moments")?;
                 let decay = var.rank() >= 2;
-                Ok(Param { name, var, decay, m, v, t: 0 })
+                Ok(Param { name, var, decay, mv, t: 0 })
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(Self { params, hp })
@@ -80,32 +82,23 @@ impl AdamW {
         let AdamWParams { lr, beta1, beta2, eps, weight_decay } = self.hp;
         for p in &mut self.params {
             let Some(g) = grads.get(p.var.as_tensor()) else { continue };
-            let g = g.to_dtype(p.var.dtype())?;
             p.t += 1;
-            let m = ((&p.m * beta1)? + (&g * (1.0 - beta1))?)?;
-            let v = ((&p.v * beta2)? + (g.sqr()? * (1.0 - beta2))?)?;
-            let bc1 = 1.0 - beta1.powi(p.t as i32);
-            let bc2 = 1.0 - beta2.powi(p.t as i32);
-            let m_hat = (&m / bc1)?;
-            let v_hat = (&v / bc2)?;
-            let update = (m_hat / (v_hat.sqrt()? + eps)?)?;
             let decay = if p.decay { 1.0 - lr * weight_decay } else { 1.0 };
-            let next = ((p.var.as_tensor() * decay)? - (update * lr)?)?;
-            p.var
-                .set(&next)
+            let step = AdamWStep { lr, beta1, beta2, eps, decay, t: p.t };
+            adamw_update(p.var.as_tensor(), &p.mv, g, &step)
                 .map_err(|e| Error::Tensor { op: format!("adamw: update {}", p.name), source: e })?;
-            p.m = m;
-            p.v = v;
         }
         Ok(())
     }
 
-    /// The state as named tensors: `m.<name>`, `v.<name>` and `t.<name>` (a one-element i64).
+    /// The state as named tensors: `m.<name>`, `v.<name>` (copies: later steps do not change
+    /// them) and `t.<name>` (a one-element i64).
     pub fn state(&self) -> Result<HashMap<String, Tensor>> {
         let mut out = HashMap::new();
         for p in &self.params {
-            out.insert(format!("m.{}", p.name), p.m.clone());
-            out.insert(format!("v.{}", p.name), p.v.clone());
+            let dims = p.var.dims();
+            out.insert(format!("m.{}", p.name), p.mv.get(0)?.reshape(dims)?.copy()?);
+            out.insert(format!("v.{}", p.name), p.mv.get(1)?.reshape(dims)?.copy()?);
             out.insert(format!("t.{}", p.name), Tensor::new(&[p.t as i64], &Device::Cpu)?);
         }
         Ok(out)
@@ -136,9 +129,11 @@ impl AdamW {
                     ));
                 }
             }
-            let dev = p.var.device();
-            p.m = m.to_dtype(p.var.dtype())?.to_device(dev)?;
-            p.v = v.to_dtype(p.var.dtype())?.to_device(dev)?;
+            let (dev, n) = (p.var.device(), p.var.elem_count());
+            p.mv = Tensor::stack(&[m.reshape(n)?, v.reshape(n)?], 0)?
+                .to_dtype(p.var.dtype())?
+                .to_device(dev)?
+                .contiguous()?;
             p.t =
                 t.to_dtype(DType::I64)?.flatten_all()?.to_vec1::<i64>()?.first().copied().unwrap_or(0) as u64;
         }
@@ -183,15 +178,20 @@ impl LrSchedule {
     }
 }
 
-/// Global L2 norm of the gradients of `vars` (those that have one).
+/// Global L2 norm of the gradients of `vars` (those that have one). The squares are summed on
+/// the gradients' device and read back once (one synchronisation per step on a GPU, not one per
+/// parameter).
 pub fn grad_norm(grads: &GradStore, vars: &[Var]) -> Result<f64> {
-    let mut sum = 0.0f64;
+    let mut sums = Vec::new();
     for v in vars {
         if let Some(g) = grads.get(v.as_tensor()) {
-            sum += g.to_dtype(DType::F64)?.sqr()?.sum_all()?.to_scalar::<f64>()?;
+            sums.push(g.to_dtype(DType::F64)?.sqr()?.sum_all()?);
         }
     }
-    Ok(sum.sqrt())
+    if sums.is_empty() {
+        return Ok(0.0);
+    }
+    Ok(Tensor::stack(&sums, 0)?.sum_all()?.to_scalar::<f64>()?.sqrt())
 }
 
 /// Scales all gradients so that their global norm is at most `max_norm`; returns the norm before

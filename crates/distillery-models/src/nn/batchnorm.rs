@@ -332,3 +332,238 @@ pub fn batch_norm_train_cpu(
     };
     Ok((y, stats))
 }
+
+/// Training-mode batch norm of `x` (`[n, c, h·w]` or `[n, c, h, w]`) on CUDA, the ReLU6 fused
+/// when `relu6`: the output and the batch statistics `[3, c]` (f64: mean, biased variance,
+/// `1/√(var + ε)`), which stay on the device. Differentiable wrt `x`, `gamma` and `beta`.
+#[cfg(feature = "cuda")]
+pub(crate) fn batch_norm_train_cuda(
+    x: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    eps: f64,
+    relu6: bool,
+) -> Result<(Tensor, Tensor)> {
+    let x = x.contiguous()?;
+    let stats = x.apply_op1_no_bwd(&cuda_ops::Stats { eps })?;
+    let op = cuda_ops::Train { stats: stats.clone(), relu6 };
+    let y = x.apply_op3(&gamma.contiguous()?, &beta.contiguous()?, op)?;
+    Ok((y, stats))
+}
+
+/// The ops behind [`batch_norm_train_cuda`]; the kernels are in `kernels/batchnorm.cu`.
+#[cfg(feature = "cuda")]
+mod cuda_ops {
+    use candle_core::{CpuStorage, CudaStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Tensor, bail};
+
+    use super::dims3;
+    use crate::nn::cuda::{self, Bn};
+
+    fn bn(l: &Layout, op: &str) -> Result<Bn> {
+        let (n, c, hw) = dims3(l, op)?;
+        Ok(Bn { n, c, hw })
+    }
+
+    fn cuda_only(op: &str) -> Result<(CpuStorage, Shape)> {
+        bail!("{op}: CUDA only (the CPU has its own batch-norm ops)")
+    }
+
+    /// `x → [3, c]` f64 statistics.
+    pub(super) struct Stats {
+        pub eps: f64,
+    }
+
+    impl CustomOp1 for Stats {
+        fn name(&self) -> &'static str {
+            "batch-norm-stats"
+        }
+
+        fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+            cuda_only(self.name())
+        }
+
+        fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
+            let d = bn(l, self.name())?;
+            Ok((cuda::bn_stats((s, l), d, self.eps)?, Shape::from((3, d.c))))
+        }
+    }
+
+    /// `(x, γ, β) → y` from the statistics; its backward runs [`Reduce`] and [`GradInput`].
+    pub(super) struct Train {
+        pub stats: Tensor,
+        pub relu6: bool,
+    }
+
+    impl CustomOp3 for Train {
+        fn name(&self) -> &'static str {
+            "batch-norm-train"
+        }
+
+        fn cpu_fwd(
+            &self,
+            _: &CpuStorage,
+            _: &Layout,
+            _: &CpuStorage,
+            _: &Layout,
+            _: &CpuStorage,
+            _: &Layout,
+        ) -> Result<(CpuStorage, Shape)> {
+            cuda_only(self.name())
+        }
+
+        fn cuda_fwd(
+            &self,
+            s1: &CudaStorage,
+            l1: &Layout,
+            s2: &CudaStorage,
+            l2: &Layout,
+            s3: &CudaStorage,
+            l3: &Layout,
+        ) -> Result<(CudaStorage, Shape)> {
+            let d = bn(l1, self.name())?;
+            if l2.dims() != [d.c] || l3.dims() != [d.c] {
+                bail!("{}: weight/bias must be [{}], got {:?}/{:?}", self.name(), d.c, l2.dims(), l3.dims());
+            }
+            let y = cuda::with_storage(&self.stats, |ss, sl| {
+                cuda::bn_apply((s1, l1), (s2, l2), (s3, l3), (ss, sl), d, self.relu6)
+            })?;
+            Ok((y, l1.shape().clone()))
+        }
+
+        fn bwd(
+            &self,
+            x: &Tensor,
+            gamma: &Tensor,
+            _beta: &Tensor,
+            res: &Tensor,
+            grad: &Tensor,
+        ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+            let grad = grad.contiguous()?;
+            let red =
+                x.apply_op3_no_bwd(&grad, res, &Reduce { stats: self.stats.clone(), relu6: self.relu6 })?;
+            let op = GradInput {
+                stats: self.stats.clone(),
+                red: red.clone(),
+                gamma: gamma.clone(),
+                relu6: self.relu6,
+            };
+            let dx = x.apply_op3_no_bwd(&grad, res, &op)?;
+            let dtype = x.dtype();
+            Ok((Some(dx), Some(red.get(0)?.to_dtype(dtype)?), Some(red.get(1)?.to_dtype(dtype)?)))
+        }
+    }
+
+    /// `(x, g, y) → [2, c]` f64: ∂γ and ∂β.
+    struct Reduce {
+        stats: Tensor,
+        relu6: bool,
+    }
+
+    impl CustomOp3 for Reduce {
+        fn name(&self) -> &'static str {
+            "batch-norm-grad-sums"
+        }
+
+        fn cpu_fwd(
+            &self,
+            _: &CpuStorage,
+            _: &Layout,
+            _: &CpuStorage,
+            _: &Layout,
+            _: &CpuStorage,
+            _: &Layout,
+        ) -> Result<(CpuStorage, Shape)> {
+            cuda_only(self.name())
+        }
+
+        fn cuda_fwd(
+            &self,
+            s1: &CudaStorage,
+            l1: &Layout,
+            s2: &CudaStorage,
+            l2: &Layout,
+            s3: &CudaStorage,
+            l3: &Layout,
+        ) -> Result<(CudaStorage, Shape)> {
+            let d = bn(l1, self.name())?;
+            if l1.shape() != l2.shape() || l1.shape() != l3.shape() {
+                bail!(
+                    "{}: input {:?}, grad {:?} and output {:?} differ",
+                    self.name(),
+                    l1.dims(),
+                    l2.dims(),
+                    l3.dims()
+                );
+            }
+            let red = cuda::with_storage(&self.stats, |ss, sl| {
+                cuda::bn_grad_reduce((s1, l1), (s2, l2), (s3, l3), (ss, sl), d, self.relu6)
+            })?;
+            Ok((red, Shape::from((2, d.c))))
+        }
+    }
+
+    /// `(x, g, y) → ∂x`.
+    struct GradInput {
+        stats: Tensor,
+        red: Tensor,
+        gamma: Tensor,
+        relu6: bool,
+    }
+
+    impl CustomOp3 for GradInput {
+        fn name(&self) -> &'static str {
+            "batch-norm-grad-input"
+        }
+
+        fn cpu_fwd(
+            &self,
+            _: &CpuStorage,
+            _: &Layout,
+            _: &CpuStorage,
+            _: &Layout,
+            _: &CpuStorage,
+            _: &Layout,
+        ) -> Result<(CpuStorage, Shape)> {
+            cuda_only(self.name())
+        }
+
+        fn cuda_fwd(
+            &self,
+            s1: &CudaStorage,
+            l1: &Layout,
+            s2: &CudaStorage,
+            l2: &Layout,
+            s3: &CudaStorage,
+            l3: &Layout,
+        ) -> Result<(CudaStorage, Shape)> {
+            let d = bn(l1, self.name())?;
+            if l1.shape() != l2.shape() || l1.shape() != l3.shape() {
+                bail!(
+                    "{}: input {:?}, grad {:?} and output {:?} differ",
+                    self.name(),
+                    l1.dims(),
+                    l2.dims(),
+                    l3.dims()
+                );
+            }
+            let gamma = self.gamma.contiguous()?;
+            let dx = cuda::with_storage(&gamma, |gs, gl| {
+                cuda::with_storage(&self.stats, |ss, sl| {
+                    cuda::with_storage(&self.red, |rs, rl| {
+                        cuda::bn_grad_input(
+                            (s1, l1),
+                            (s2, l2),
+                            (s3, l3),
+                            (gs, gl),
+                            (ss, sl),
+                            (rs, rl),
+                            d,
+                            self.relu6,
+                        )
+                    })
+                })
+            })?;
+            Ok((dx, l1.shape().clone()))
+        }
+    }
+}

@@ -3,8 +3,9 @@
 //! candle's grouped convolution runs one convolution per channel, and its backward pass is
 //! roughly 15× slower than a direct kernel. MobileNet-style students spend most of their layers
 //! in depthwise convolutions, so this module implements forward and both gradients directly on
-//! CPU, parallel over `(n, c)` planes with rayon. On other devices the public entry point falls
-//! back to candle's grouped convolution.
+//! CPU, parallel over `(n, c)` planes with rayon, and (with the `cuda` feature) on CUDA through
+//! the kernels of [`super::cuda`]. Other devices take a composition of candle ops (nine shifted
+//! multiply-adds), not candle's grouped convolution.
 
 use candle_core::{
     CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor, WithDType, backend::BackendStorage, bail,
@@ -257,6 +258,21 @@ impl CustomOp2 for DwFwd {
         }
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (n, c, h, w) = dims4(l1, self.name(), "input")?;
+        check_kernel(l2, c, self.name())?;
+        let (ho, wo) = (out_side(h, self.stride), out_side(w, self.stride));
+        let g = super::cuda::Depthwise { n, c, h, w, ho, wo, s: self.stride, p: 1 };
+        Ok((super::cuda::depthwise_fwd((s1, l1), (s2, l2), g)?, Shape::from((n, c, ho, wo))))
+    }
+
     fn bwd(
         &self,
         x: &Tensor,
@@ -341,6 +357,24 @@ impl CustomOp2 for DwBwdInput {
             d => bail!("{}: unsupported dtype {d:?} (f32 or f64)", self.name()),
         }
     }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (n, c, ho, wo) = dims4(l1, self.name(), "grad")?;
+        check_kernel(l2, c, self.name())?;
+        let (h, w) = (self.h, self.w);
+        if ho != out_side(h, self.stride) || wo != out_side(w, self.stride) {
+            bail!("{}: grad {:?} does not match input side {h}×{w}", self.name(), l1.dims());
+        }
+        let g = super::cuda::Depthwise { n, c, h, w, ho, wo, s: self.stride, p: 1 };
+        Ok((super::cuda::depthwise_bwd_input((s1, l1), (s2, l2), g)?, Shape::from((n, c, h, w))))
+    }
 }
 
 impl DwBwdWeight {
@@ -405,6 +439,56 @@ impl CustomOp2 for DwBwdWeight {
             d => bail!("{}: unsupported dtype {d:?} (f32 or f64)", self.name()),
         }
     }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (n, c, h, w) = dims4(l1, self.name(), "input")?;
+        let (ho, wo) = (out_side(h, self.stride), out_side(w, self.stride));
+        if l2.dims() != [n, c, ho, wo] {
+            bail!("{}: grad {:?} does not match output [{n}, {c}, {ho}, {wo}]", self.name(), l2.dims());
+        }
+        let g = super::cuda::Depthwise { n, c, h, w, ho, wo, s: self.stride, p: 1 };
+        Ok((super::cuda::depthwise_bwd_weight((s1, l1), (s2, l2), g)?, Shape::from((c, 1, 3, 3))))
+    }
+}
+
+/// [`depthwise3x3_padded`] on CUDA: the input carries its padding, so the kernel reads no
+/// zeros of its own (`p = 0`) and the output size is given. Inference only (no backward).
+#[cfg(feature = "cuda")]
+struct DwPadded {
+    stride: usize,
+    out: (usize, usize),
+}
+
+#[cfg(feature = "cuda")]
+impl CustomOp2 for DwPadded {
+    fn name(&self) -> &'static str {
+        "depthwise-conv3x3-padded"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+        bail!("{}: CUDA only (the CPU takes the ONNX fast paths)", self.name())
+    }
+
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (n, c, h, w) = dims4(l1, self.name(), "input")?;
+        check_kernel(l2, c, self.name())?;
+        let (ho, wo) = self.out;
+        let g = super::cuda::Depthwise { n, c, h, w, ho, wo, s: self.stride, p: 0 };
+        Ok((super::cuda::depthwise_fwd((s1, l1), (s2, l2), g)?, Shape::from((n, c, ho, wo))))
+    }
 }
 
 /// Depthwise 3×3 convolution with padding 1: `x [n,c,h,w]`, `weight [c,1,3,3]`, `stride` 1 or 2.
@@ -420,7 +504,7 @@ pub fn depthwise_conv3x3(x: &Tensor, weight: &Tensor, stride: usize) -> Result<T
     }
     let (ho, wo) = (out_side(h, stride), out_side(w, stride));
     crate::cost::record(crate::cost::conv2d_macs(&[n, c, ho, wo], 1, 3, 3));
-    if !super::cpu_kernels(x) {
+    if !super::cpu_kernels(x) && !super::cuda_kernels(x, super::Kernels::Depthwise) {
         return depthwise_conv3x3_composed(x, weight, stride);
     }
     x.contiguous()?.apply_op2(&weight.contiguous()?, DwFwd { stride })
@@ -457,6 +541,10 @@ pub(crate) fn depthwise3x3_padded(
     let (ph, pw) = (stride * ho + 2, stride * wo + 2);
     if ho == 0 || wo == 0 || h < stride * (ho - 1) + 3 || w < stride * (wo - 1) + 3 {
         bail!("depthwise-conv3x3: {h}×{w} input is too small for a {ho}×{wo} output at stride {stride}");
+    }
+    #[cfg(feature = "cuda")]
+    if super::cuda_kernels(xp, super::Kernels::Depthwise) {
+        return xp.contiguous()?.apply_op2_no_bwd(&weight.contiguous()?, &DwPadded { stride, out });
     }
     let fit = |t: Tensor, dim: usize, have: usize, want: usize| -> Result<Tensor> {
         if have >= want { t.narrow(dim, 0, want) } else { t.pad_with_zeros(dim, 0, want - have) }

@@ -289,7 +289,9 @@ mod tests {
     fn composed_form_matches_the_op() -> Result<()> {
         let dev = Device::Cpu;
         for (h, w) in [(5, 5), (6, 6), (7, 4), (3, 3), (2, 5)] {
-            for (k, stride, padding) in [(3, 1, 1), (3, 2, 1), (1, 1, 0), (1, 2, 0), (3, 1, 0), (5, 2, 2), (3, 3, 1)] {
+            for (k, stride, padding) in
+                [(3, 1, 1), (3, 2, 1), (1, 1, 0), (1, 2, 0), (3, 1, 0), (5, 2, 2), (3, 3, 1)]
+            {
                 if h + 2 * padding < k || w + 2 * padding < k {
                     continue;
                 }
@@ -298,7 +300,11 @@ mod tests {
                 let composed = crate::nn::with_portable_layers(|| im2col(&x, k, k, stride, padding))?;
                 let what = format!("{h}x{w} k{k} s{stride} p{padding}");
                 assert_eq!(ours.dims(), composed.dims(), "{what}");
-                assert_eq!(ours.flatten_all()?.to_vec1::<f64>()?, composed.flatten_all()?.to_vec1::<f64>()?, "{what}");
+                assert_eq!(
+                    ours.flatten_all()?.to_vec1::<f64>()?,
+                    composed.flatten_all()?.to_vec1::<f64>()?,
+                    "{what}"
+                );
                 let c = Tensor::randn(0f64, 1., ours.shape(), &dev)?;
                 let g_ours = (ours * &c)?.sum_all()?.backward()?.get(&x).cloned().expect("gradient");
                 let g_comp = (composed * &c)?.sum_all()?.backward()?.get(&x).cloned().expect("gradient");

@@ -17,7 +17,10 @@
 //!
 //! Every convolution and linear layer records its MACs with [`crate::cost::record`].
 
+pub mod adamw;
 pub mod batchnorm;
+#[cfg(feature = "cuda")]
+pub(crate) mod cuda;
 pub mod depthwise;
 pub mod fastconv;
 #[cfg(test)]
@@ -84,6 +87,35 @@ pub fn on_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
 /// [`with_portable_layers`].
 pub(crate) fn cpu_kernels(t: &Tensor) -> bool {
     t.device().is_cpu() && !PORTABLE.with(|p| p.get())
+}
+
+/// The families of CUDA kernels (`nn::cuda`, the `cuda` feature).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Kernels {
+    Depthwise,
+    BatchNorm,
+    AdamW,
+}
+
+impl Kernels {
+    /// Every family with its name in `DISTILLERY_CUDA_KERNELS`.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    const ALL: [(Kernels, &'static str); 3] =
+        [(Kernels::Depthwise, "depthwise"), (Kernels::BatchNorm, "batchnorm"), (Kernels::AdamW, "adamw")];
+}
+
+/// Whether `t` is on a CUDA device whose layers take our CUDA kernels of `family` rather than
+/// compositions of candle ops.
+pub(crate) fn cuda_kernels(t: &Tensor, family: Kernels) -> bool {
+    #[cfg(feature = "cuda")]
+    {
+        cuda::serves(t, family) && !PORTABLE.with(|p| p.get())
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = (t, family);
+        false
+    }
 }
 
 /// Kaiming-normal initialisation with fan-out (He et al. 2015), as used for MobileNetV2 and ResNet.
@@ -246,6 +278,15 @@ impl BatchNorm2d {
             let (y, st) = batchnorm::batch_norm_train_cpu(x, &self.weight, &self.bias, self.eps, relu6)?;
             let dev = x.device();
             (y, Tensor::new(st.mean, dev)?, Tensor::new(st.var, dev)?)
+        } else if cuda_kernels(x, Kernels::BatchNorm) {
+            #[cfg(feature = "cuda")]
+            {
+                let (y, stats) =
+                    batchnorm::batch_norm_train_cuda(x, &self.weight, &self.bias, self.eps, relu6)?;
+                (y, stats.get(0)?, stats.get(1)?)
+            }
+            #[cfg(not(feature = "cuda"))]
+            unreachable!("cuda_kernels is false without the cuda feature")
         } else {
             // Reductions over the last dim are candle's fast path: work on [n, c, h·w].
             let (y, mean, var) = self.train_composed(&x.reshape((n, c, h * w))?)?;
