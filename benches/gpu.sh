@@ -9,6 +9,9 @@
 #                                libraries, python3 with PyTorch; no Rust): runs each bench on
 #                                cuda:0, then benches/reference/bench_pytorch.py with DEVICE=cuda;
 #                                prints every result and keeps them in DIR/results.txt.
+#   benches/gpu.sh bisect [DIR]  on the GPU machine: the student bench at one shape (default
+#                                224x128) with each set of our CUDA kernel families on and off,
+#                                launches synchronous, to find what a fault depends on.
 #
 # CUDA_COMPUTE_CAP (default 90, Hopper) picks the GPU generation the kernels are compiled for;
 # FEATURES (default distillery-models/cudnn; distillery-models/cuda without cuDNN) the backend.
@@ -22,6 +25,24 @@ cd "$(dirname "$0")/.."
 mode="${1:-}"
 dir="${2:-.gpu}"
 benches=(emonet student_train onnx_faceapi)
+
+# The run-time environment on the GPU machine: the CUDA libraries the binaries link, wherever this
+# machine keeps them (a CUDA install or PyTorch's nvidia-* wheels), and the benches' settings.
+gpu_env() {
+  [ -d "$dir/bin" ] || { echo "$dir/bin: missing; run \`benches/gpu.sh build\` first" >&2; exit 1; }
+  local libs="" lib found
+  for lib in libcudart.so.13 libcublas.so.13 libcublasLt.so.13 libcurand.so.10 libcudnn.so.9; do
+    found="$(find /usr/local /usr/lib /opt -name "$lib" -print -quit 2>/dev/null || true)"
+    [ -n "$found" ] || { echo "$lib: not found under /usr/local, /usr/lib or /opt" >&2; exit 1; }
+    case ":$libs:" in *":$(dirname "$found"):"*) ;; *) libs="$libs:$(dirname "$found")" ;; esac
+  done
+  export LD_LIBRARY_PATH="${libs#:}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+  export DISTILLERY_DEVICE=cuda DEVICE=cuda DISTILLERY_SOURCE="$PWD" DISTILLERY_REFERENCE="$PWD/$dir/reference"
+  for b in "${benches[@]}"; do
+    gunzip -kf "$dir/bin/$b.gz"
+    chmod +x "$dir/bin/$b"
+  done
+}
 
 case "$mode" in
   build)
@@ -50,17 +71,7 @@ case "$mode" in
     du -sh "$dir"
     ;;
   run)
-    [ -d "$dir/bin" ] || { echo "$dir/bin: missing; run \`benches/gpu.sh build\` first" >&2; exit 1; }
-    # The CUDA libraries the binaries link: wherever this machine keeps them (a CUDA install or
-    # PyTorch's nvidia-* wheels).
-    libs=""
-    for lib in libcudart.so.13 libcublas.so.13 libcublasLt.so.13 libcurand.so.10 libcudnn.so.9; do
-      found="$(find /usr/local /usr/lib /opt -name "$lib" -print -quit 2>/dev/null || true)"
-      [ -n "$found" ] || { echo "$lib: not found under /usr/local, /usr/lib or /opt" >&2; exit 1; }
-      case ":$libs:" in *":$(dirname "$found"):"*) ;; *) libs="$libs:$(dirname "$found")" ;; esac
-    done
-    export LD_LIBRARY_PATH="${libs#:}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-    export DISTILLERY_DEVICE=cuda DEVICE=cuda DISTILLERY_SOURCE="$PWD" DISTILLERY_REFERENCE="$PWD/$dir/reference"
+    gpu_env
     export EMONET_BENCH_BATCHES="${EMONET_BENCH_BATCHES:-1,8,64}" EMONET_BENCH_ITERS="${EMONET_BENCH_ITERS:-20}"
     export STUDENT_BENCH_SHAPES="${STUDENT_BENCH_SHAPES:-112x32,224x16,224x128}"
     export STUDENT_BENCH_STEPS="${STUDENT_BENCH_STEPS:-10}"
@@ -73,8 +84,6 @@ case "$mode" in
     status=0
     read -r -a chosen <<<"${RUN:-${benches[*]}}"
     for b in "${chosen[@]}"; do
-      gunzip -kf "$dir/bin/$b.gz"
-      chmod +x "$dir/bin/$b"
       echo "## $b" | tee -a "$results"
       timeout "$limit" "$dir/bin/$b" 2>&1 | tee -a "$results" || { echo "FAILED: $b" | tee -a "$results"; status=1; }
     done
@@ -95,8 +104,23 @@ case "$mode" in
     fi
     exit "$status"
     ;;
+  bisect)
+    # Which of our CUDA kernel families a failing training shape depends on: the student bench at
+    # $STUDENT_BENCH_SHAPES (default 224x128) with each set of families, launches synchronous so
+    # a fault is reported by the launch that caused it (ours name their kernel).
+    gpu_env
+    export STUDENT_BENCH_SHAPES="${STUDENT_BENCH_SHAPES:-224x128}" STUDENT_BENCH_STEPS="${STUDENT_BENCH_STEPS:-3}"
+    export CUDA_LAUNCH_BLOCKING=1
+    limit="${BENCH_TIMEOUT:-90}"
+    # KERNEL_SETS: the DISTILLERY_CUDA_KERNELS values to try, separated by spaces.
+    for k in ${KERNEL_SETS:-1 0 depthwise batchnorm adamw depthwise,batchnorm depthwise,adamw}; do
+      echo "## DISTILLERY_CUDA_KERNELS=$k"
+      DISTILLERY_CUDA_KERNELS="$k" timeout "$limit" "$dir/bin/student_train" 2>&1 \
+        | grep -vE '^ +[0-9]+: <unknown>$' || echo "FAILED with DISTILLERY_CUDA_KERNELS=$k"
+    done
+    ;;
   *)
-    sed -n '2,18p' "$0"
+    sed -n '2,22p' "$0"
     exit 2
     ;;
 esac
