@@ -315,6 +315,30 @@ unsafe fn depthwise_tile<V: Vf32>(
     buf: &mut [f32],
 ) {
     let g = &dw.geom;
+    let Ok((ho, wo)) = dw.out_hw(h, w) else { unreachable!("checked by the caller") };
+    let same =
+        (g.kh, g.kw, g.stride_h, g.stride_w, g.pad_h, g.pad_w) == (3, 3, 1, 1, 1, 1) && (ho, wo) == (h, w);
+    // SAFETY (both): passed on from the caller.
+    if same {
+        unsafe { depthwise3x3_same_tile::<V>(src, (h, w), dw, cols, buf) }
+    } else {
+        unsafe { depthwise_rows_tile::<V>(src, (h, w), dw, cols, buf) }
+    }
+}
+
+/// [`depthwise_tile`] row by row: any kernel, stride and padding.
+///
+/// # Safety
+/// As [`depthwise_tile`].
+#[inline(always)]
+unsafe fn depthwise_rows_tile<V: Vf32>(
+    src: *const f32,
+    (h, w): (usize, usize),
+    dw: &DepthwiseStage<'_>,
+    cols: std::ops::Range<usize>,
+    buf: &mut [f32],
+) {
+    let g = &dw.geom;
     let (j0, j1) = (cols.start, cols.end);
     let nc = j1 - j0;
     let Ok((ho, wo)) = dw.out_hw(h, w) else { unreachable!("checked by the caller") };
@@ -377,6 +401,150 @@ unsafe fn depthwise_tile<V: Vf32>(
         }
         if dw.relu {
             row.iter_mut().for_each(|v| *v = v.max(0.0));
+        }
+    }
+}
+
+/// [`depthwise_tile`] for a 3×3 kernel with stride 1 and padding 1 (output the size of the
+/// input): output `j` of a plane reads inputs `j + (ky − 1)·w + kx − 1`, so the tile's outputs
+/// are computed as one flat run, whatever the row width (a 7-wide row would otherwise be two
+/// scalar edges and an interior narrower than a register). Each plane's part of the input the
+/// tile reads is copied between zeros (the rows above and below the image), and the left and
+/// right taps are multiplied by 0/1 masks where a column's neighbour is in another row. Same
+/// operations in the same order as [`depthwise3x3_row`]: `bias + Σ_ky ((k₀a + k₁b) + k₂c)`.
+///
+/// # Safety
+/// As [`depthwise_tile`].
+#[inline(always)]
+unsafe fn depthwise3x3_same_tile<V: Vf32>(
+    src: *const f32,
+    (h, w): (usize, usize),
+    dw: &DepthwiseStage<'_>,
+    cols: std::ops::Range<usize>,
+    buf: &mut [f32],
+) {
+    let nc = cols.len();
+    let mut part = SamePart::new((h, w), cols);
+    for c in 0..dw.geom.c_in {
+        // SAFETY: the caller guarantees `c_in` planes of `h·w` floats.
+        let plane = unsafe { std::slice::from_raw_parts(src.add(c * h * w), h * w) };
+        let k: &[f32; 9] = dw.weight[c * 9..][..9].try_into().expect("nine taps");
+        let bias = dw.bias.map_or(0.0, |b| b[c]);
+        part.run::<V>(plane, k, (bias, dw.relu), &mut buf[c * nc..][..nc]);
+    }
+}
+
+/// Outputs `cols` of a stride-1, padding-1 3×3 depthwise convolution of `h×w` planes (see
+/// [`depthwise3x3_same_tile`]): the masks for those outputs and a buffer for the inputs they read,
+/// set up once for any number of planes.
+struct SamePart {
+    w: usize,
+    /// 0 where an output's left (right) neighbour is in another row, else 1.
+    left: Vec<f32>,
+    right: Vec<f32>,
+    /// The plane's inputs `cols.start − w − 1 .. cols.end + w + 1`, zeros outside the plane.
+    xp: Vec<f32>,
+    /// The plane's inputs `from..to` go to `xp[at..]`.
+    from: usize,
+    to: usize,
+    at: usize,
+}
+
+impl SamePart {
+    fn new((h, w): (usize, usize), cols: std::ops::Range<usize>) -> Self {
+        let (j0, j1) = (cols.start, cols.end);
+        let mask = |edge: usize| -> Vec<f32> {
+            cols.clone().map(|j| if j % w == edge { 0.0 } else { 1.0 }).collect()
+        };
+        let first = j0 as isize - (w + 1) as isize;
+        let (from, to) = (first.max(0) as usize, (j1 + w + 1).min(h * w));
+        let at = (from as isize - first) as usize;
+        Self { w, left: mask(0), right: mask(w - 1), xp: vec![0f32; j1 - j0 + 2 * w + 2], from, to, at }
+    }
+
+    /// This part of one plane (`h·w` values) into `out` (one value per output).
+    #[inline(always)]
+    fn run<V: Vf32>(&mut self, plane: &[f32], k: &[f32; 9], (bias, relu): (f32, bool), out: &mut [f32]) {
+        let n = self.to - self.from;
+        self.xp[self.at..self.at + n].copy_from_slice(&plane[self.from..self.to]);
+        let masks = (&self.left[..], &self.right[..]);
+        // SAFETY: `xp` holds `out.len() + 2w + 2` values and the masks `out.len()`.
+        unsafe {
+            match relu {
+                false => same_groups::<V, false>(out, &self.xp, self.w, masks, k, bias),
+                true => same_groups::<V, true>(out, &self.xp, self.w, masks, k, bias),
+            }
+        }
+    }
+}
+
+/// [`depthwise3x3_same_tile`]'s runs in registers of `V` while the tile is at least that wide,
+/// else of its halves.
+///
+/// # Safety
+/// `xp` holds `out.len() + 2·w + 2` values, each mask `out.len()`.
+#[inline(always)]
+unsafe fn same_groups<V: Vf32, const RELU: bool>(
+    out: &mut [f32],
+    xp: &[f32],
+    w: usize,
+    masks: (&[f32], &[f32]),
+    k: &[f32; 9],
+    bias: f32,
+) {
+    type H<V> = <V as Vf32>::Half;
+    let m = out.len();
+    unsafe {
+        if m >= V::LANES {
+            same_lanes::<V, RELU>(out, xp, w, masks, k, bias)
+        } else if m >= H::<V>::LANES {
+            same_lanes::<H<V>, RELU>(out, xp, w, masks, k, bias)
+        } else if m >= H::<H<V>>::LANES {
+            same_lanes::<H<H<V>>, RELU>(out, xp, w, masks, k, bias)
+        } else {
+            same_lanes::<f32, RELU>(out, xp, w, masks, k, bias)
+        }
+    }
+}
+
+/// `V::LANES` outputs at a time, the last group overlapping the one before it.
+///
+/// # Safety
+/// As [`same_groups`], and `out.len() ≥ V::LANES`.
+#[inline(always)]
+unsafe fn same_lanes<V: Vf32, const RELU: bool>(
+    out: &mut [f32],
+    xp: &[f32],
+    w: usize,
+    (left, right): (&[f32], &[f32]),
+    k: &[f32; 9],
+    bias: f32,
+) {
+    let (m, lanes) = (out.len(), V::LANES);
+    debug_assert!(m >= lanes && xp.len() >= m + 2 * w + 2 && left.len() >= m && right.len() >= m);
+    unsafe {
+        let mut kv = [V::splat(0.0); 9];
+        for (v, &x) in kv.iter_mut().zip(k) {
+            *v = V::splat(x);
+        }
+        let (b, zero) = (V::splat(bias), V::splat(0.0));
+        let mut x = 0;
+        while x < m {
+            let x0 = x.min(m - lanes);
+            let (ml, mr) = (V::load(left.as_ptr().add(x0)), V::load(right.as_ptr().add(x0)));
+            let mut acc = b;
+            for ky in 0..3 {
+                // Output x0's taps in row ky − 1 start at xp[x0 + ky·w] (xp[0] is input j0 − w − 1).
+                let p = xp.as_ptr().add(x0 + ky * w);
+                let (a, c) = (V::load(p).mul(ml), V::load(p.add(2)).mul(mr));
+                let t = kv[3 * ky].mul(a).add(kv[3 * ky + 1].mul(V::load(p.add(1))));
+                acc = acc.add(t.add(kv[3 * ky + 2].mul(c)));
+            }
+            if RELU {
+                acc = acc.max(zero);
+            }
+            acc.store(out.as_mut_ptr().add(x0));
+            x += lanes;
         }
     }
 }
@@ -560,6 +728,11 @@ impl WithLanes for Plane<'_> {
     #[inline(always)]
     fn run<V: Vf32>(self) {
         let Plane { x, k, y, hw: (h, w), stride } = self;
+        if stride == 1 {
+            // Padding 1, stride 1: the output is the input's size, one flat run.
+            SamePart::new((h, w), 0..h * w).run::<V>(x, k, (0.0, false), &mut y[..h * w]);
+            return;
+        }
         let (ho, wo) = (super::depthwise::out_side(h, stride), super::depthwise::out_side(w, stride));
         let zeros = vec![0f32; w];
         for (oy, out) in y.chunks_exact_mut(wo).take(ho).enumerate() {
@@ -1092,6 +1265,71 @@ mod tests {
                 _ => depthwise3x3_row::<V, 2>(o, self.cols.start, r, k, p, b, relu),
             }
             out
+        }
+    }
+
+    /// One tile of a stride-1, padding-1 depthwise stage, by the flat path or row by row.
+    #[derive(Clone)]
+    struct SameTile<'a> {
+        x: &'a [f32],
+        hw: (usize, usize),
+        stage: DepthwiseStage<'a>,
+        cols: std::ops::Range<usize>,
+        flat: bool,
+    }
+
+    impl WithLanes for SameTile<'_> {
+        type Output = Vec<f32>;
+        fn run<V: Vf32>(self) -> Vec<f32> {
+            let mut out = vec![f32::NAN; self.stage.geom.c_in * self.cols.len()];
+            // SAFETY: `x` holds `c_in` planes of `h·w` values; the stage fits them.
+            unsafe {
+                if self.flat {
+                    depthwise3x3_same_tile::<V>(self.x.as_ptr(), self.hw, &self.stage, self.cols, &mut out)
+                } else {
+                    depthwise_rows_tile::<V>(self.x.as_ptr(), self.hw, &self.stage, self.cols, &mut out)
+                }
+            }
+            out
+        }
+    }
+
+    /// The flat stride-1 path computes what the row-by-row path does (same operations, so equal
+    /// values), with the same bits at every register width, for tiles that start and end inside
+    /// rows, single rows and columns, and whole planes.
+    #[test]
+    fn flat_same_padding_tiles_match_the_row_path() {
+        let c = 3;
+        for (h, w) in [(1, 1), (1, 9), (9, 1), (2, 2), (3, 5), (7, 7), (14, 14), (5, 33), (56, 56)] {
+            let x: Vec<f32> = (0..c * h * w).map(|i| ((i * 7919 % 211) as f32 - 105.0) / 37.0).collect();
+            let weight: Vec<f32> = (0..c * 9).map(|i| (i as f32 - 13.0) / 7.0).collect();
+            let bias = [0.25f32, -0.5, 0.0];
+            let hw = h * w;
+            for cols in
+                [0..hw, 0..hw / 2 + 1, hw / 3..hw, (w / 2).min(hw - 1)..(hw - w / 2).max(w / 2 + 1).min(hw)]
+            {
+                for relu in [false, true] {
+                    let stage = DepthwiseStage {
+                        geom: ConvGeom::square(c, c, 3, 1, 1),
+                        pad_end: None,
+                        weight: &weight,
+                        bias: Some(&bias),
+                        relu,
+                    };
+                    let tile = |flat| SameTile { x: &x, hw: (h, w), stage, cols: cols.clone(), flat };
+                    let rows = simd::with_lanes(tile(false));
+                    let flats = simd::each_level(tile(true));
+                    for flat in &flats {
+                        assert_eq!(flat, &rows, "{h}x{w} cols {cols:?} relu {relu}");
+                        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                        assert_eq!(
+                            bits(flat),
+                            bits(&flats[0]),
+                            "{h}x{w} cols {cols:?}: bits differ across widths"
+                        );
+                    }
+                }
+            }
         }
     }
 
