@@ -259,6 +259,16 @@ unsafe fn unfold_tile(
                                 *o = (v * s + t).max(0.0);
                             }
                         }
+                        (2, None) => {
+                            // Every other input: pairs, so the loop vectorises (the last output's
+                            // pair may run past the row, so it goes on its own).
+                            let n = out.len();
+                            let pairs = src_row[ix0..ix0 + 2 * (n - 1)].chunks_exact(2);
+                            for (o, pair) in out[..n - 1].iter_mut().zip(pairs) {
+                                *o = pair[0];
+                            }
+                            out[n - 1] = src_row[ix0 + 2 * (n - 1)];
+                        }
                         (sw, act) => {
                             for (i, o) in out.iter_mut().enumerate() {
                                 let v = src_row[ix0 + i * sw];
