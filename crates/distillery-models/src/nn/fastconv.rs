@@ -187,13 +187,16 @@ thread_local! {
 }
 
 /// Output columns per tile: the unfolded tile (`k × cols` floats) should stay within about
-/// 256 KiB (measured best on EmoNet's shapes, between 64 KiB and 1 MiB), there should be at least
+/// 256 KiB (measured best on EmoNet's shapes, between 64 KiB and 1 MiB) but hold at least 128
+/// columns (up to 1.2 MiB for EmoNet's deepest convolutions, still inside L2): narrower tiles make
+/// gemm fall back to its smaller, slower microkernels (EmoNet at batch 1: 3.7 images/s with tiles
+/// of 24 columns and more, 4.5 with 128), there should be at least
 /// one tile per thread, and when there are few tiles their count is a multiple of the threads and
 /// their sizes equal (four tiles of 784 columns rather than three of 1024 and one of 64, which
 /// would leave one of two threads idle for a quarter of the time).
 fn tile_cols(k: usize, hw_out: usize, n: usize, threads: usize) -> usize {
     let hw_out = hw_out.max(1);
-    let mut cols = ((1usize << 16) / k.max(1)).clamp(24, 1024).min(hw_out);
+    let mut cols = ((1usize << 16) / k.max(1)).clamp(128, 1024).min(hw_out);
     let per_img = threads.div_ceil(n.max(1));
     if hw_out.div_ceil(cols) < per_img {
         cols = hw_out.div_ceil(per_img).max(16).min(hw_out);
