@@ -26,6 +26,10 @@ const ADAMW_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/adamw.ptx"));
 const BATCHNORM_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/batchnorm.ptx"));
 const BLOCK: u32 = 256;
 
+/// Every family with its name in `DISTILLERY_CUDA_KERNELS`.
+const FAMILIES: [(Kernels, &str); 3] =
+    [(Kernels::Depthwise, "depthwise"), (Kernels::BatchNorm, "batchnorm"), (Kernels::AdamW, "adamw")];
+
 /// Whether `t` is on a CUDA device and `family`'s kernels serve it (f32 or f64, not turned off:
 /// `DISTILLERY_CUDA_KERNELS` unset or `1` enables all, `0` none, a list such as
 /// `depthwise,adamw` those named).
@@ -35,9 +39,9 @@ pub(crate) fn serves(t: &Tensor, family: Kernels) -> bool {
         let v = std::env::var("DISTILLERY_CUDA_KERNELS").unwrap_or_default();
         let v = v.trim();
         match v {
-            "" | "1" => Kernels::ALL.iter().map(|f| f.0).collect(),
+            "" | "1" => FAMILIES.iter().map(|f| f.0).collect(),
             "0" => Vec::new(),
-            list => Kernels::ALL
+            list => FAMILIES
                 .iter()
                 .filter(|(_, name)| list.split(',').any(|x| x.trim() == *name))
                 .map(|f| f.0)

@@ -289,27 +289,31 @@ impl CustomOp2 for DwFwd {
 }
 
 impl DwBwdInput {
+    /// `(n, c, ho, wo)` of the output gradient `gl`, checked against the input side `h×w`.
+    fn grad_dims(&self, gl: &Layout) -> Result<(usize, usize, usize, usize)> {
+        let (n, c, ho, wo) = dims4(gl, self.name(), "grad")?;
+        let (h, w) = (self.h, self.w);
+        if ho != out_side(h, self.stride) || wo != out_side(w, self.stride) {
+            bail!("{}: grad {:?} does not match input side {h}×{w}", self.name(), gl.dims());
+        }
+        Ok((n, c, ho, wo))
+    }
+
     /// f32, stride 1: the input gradient is the same convolution of the output gradient with the
     /// kernel turned by 180°, run by the vectorised row kernel. Stride 2 takes the generic path.
     fn run_f32(&self, gs: &[f32], gl: &Layout, ks: &[f32]) -> Result<(Vec<f32>, Shape)> {
         if self.stride != 1 {
             return self.run(gs, gl, ks);
         }
-        let (n, c, ho, wo) = dims4(gl, self.name(), "grad")?;
+        let (n, c, _, _) = self.grad_dims(gl)?;
         let (h, w) = (self.h, self.w);
-        if (ho, wo) != (h, w) {
-            bail!("{}: grad {:?} does not match input side {h}×{w}", self.name(), gl.dims());
-        }
         let gx = planes_f32(gs, (n, c, h, w), 1, |ch| std::array::from_fn(|i| ks[ch * 9 + 8 - i]));
         Ok((gx, Shape::from((n, c, h, w))))
     }
 
     fn run<T: WithDType>(&self, gs: &[T], gl: &Layout, ks: &[T]) -> Result<(Vec<T>, Shape)> {
-        let (n, c, ho, wo) = dims4(gl, self.name(), "grad")?;
+        let (n, c, ho, wo) = self.grad_dims(gl)?;
         let (h, w) = (self.h, self.w);
-        if ho != out_side(h, self.stride) || wo != out_side(w, self.stride) {
-            bail!("{}: grad {:?} does not match input side {h}×{w}", self.name(), gl.dims());
-        }
         let mut gx = vec![T::zero(); n * c * h * w];
         gx.par_chunks_mut(h * w).enumerate().for_each(|(p, gp)| {
             let ch = p % c;
@@ -366,24 +370,28 @@ impl CustomOp2 for DwBwdInput {
         s2: &candle_core::CudaStorage,
         l2: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let (n, c, ho, wo) = dims4(l1, self.name(), "grad")?;
+        let (n, c, ho, wo) = self.grad_dims(l1)?;
         check_kernel(l2, c, self.name())?;
         let (h, w) = (self.h, self.w);
-        if ho != out_side(h, self.stride) || wo != out_side(w, self.stride) {
-            bail!("{}: grad {:?} does not match input side {h}×{w}", self.name(), l1.dims());
-        }
         let g = super::cuda::Depthwise { n, c, h, w, ho, wo, s: self.stride, p: 1 };
         Ok((super::cuda::depthwise_bwd_input((s1, l1), (s2, l2), g)?, Shape::from((n, c, h, w))))
     }
 }
 
 impl DwBwdWeight {
-    fn run<T: WithDType>(&self, xs: &[T], xl: &Layout, gs: &[T], gl: &Layout) -> Result<(Vec<T>, Shape)> {
+    /// `[n, c, h, w, ho, wo]`: the input `xl` and the output side, the gradient `gl` checked
+    /// against them.
+    fn dims(&self, xl: &Layout, gl: &Layout) -> Result<[usize; 6]> {
         let (n, c, h, w) = dims4(xl, self.name(), "input")?;
         let (ho, wo) = (out_side(h, self.stride), out_side(w, self.stride));
         if gl.dims() != [n, c, ho, wo] {
             bail!("{}: grad {:?} does not match output [{n}, {c}, {ho}, {wo}]", self.name(), gl.dims());
         }
+        Ok([n, c, h, w, ho, wo])
+    }
+
+    fn run<T: WithDType>(&self, xs: &[T], xl: &Layout, gs: &[T], gl: &Layout) -> Result<(Vec<T>, Shape)> {
+        let [n, c, h, w, ho, wo] = self.dims(xl, gl)?;
         // One 9-tap partial per channel, accumulated over the batch inside each task so no
         // reduction across threads is needed.
         let mut gk = vec![T::zero(); c * 9];
@@ -448,11 +456,7 @@ impl CustomOp2 for DwBwdWeight {
         s2: &candle_core::CudaStorage,
         l2: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let (n, c, h, w) = dims4(l1, self.name(), "input")?;
-        let (ho, wo) = (out_side(h, self.stride), out_side(w, self.stride));
-        if l2.dims() != [n, c, ho, wo] {
-            bail!("{}: grad {:?} does not match output [{n}, {c}, {ho}, {wo}]", self.name(), l2.dims());
-        }
+        let [n, c, h, w, ho, wo] = self.dims(l1, l2)?;
         let g = super::cuda::Depthwise { n, c, h, w, ho, wo, s: self.stride, p: 1 };
         Ok((super::cuda::depthwise_bwd_weight((s1, l1), (s2, l2), g)?, Shape::from((c, 1, 3, 3))))
     }

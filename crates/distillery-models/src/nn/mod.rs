@@ -97,13 +97,6 @@ pub(crate) enum Kernels {
     AdamW,
 }
 
-impl Kernels {
-    /// Every family with its name in `DISTILLERY_CUDA_KERNELS`.
-    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
-    const ALL: [(Kernels, &'static str); 3] =
-        [(Kernels::Depthwise, "depthwise"), (Kernels::BatchNorm, "batchnorm"), (Kernels::AdamW, "adamw")];
-}
-
 /// Whether `t` is on a CUDA device whose layers take our CUDA kernels of `family` rather than
 /// compositions of candle ops.
 pub(crate) fn cuda_kernels(t: &Tensor, family: Kernels) -> bool {
