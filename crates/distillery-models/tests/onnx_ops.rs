@@ -911,6 +911,105 @@ fn additions_fold_into_the_convolution_before_them() -> R {
     Ok(())
 }
 
+/// A dense block as face-api's expression net writes it: `out1 = relu(conv(x))`, then three
+/// depthwise-separable convolutions, each reading the ReLU of the running sum of all outputs so
+/// far, and the block's output `relu(out1 + (out2 + (out3 + out4)))`. Planning folds every sum
+/// into the convolution that finishes it: the first two keep their own outputs (read by later
+/// sums) and write the sum's ReLU as a second output, the last one's sum replaces its output.
+/// Four steps; values are the naive loops', and every intermediate can be asked for by name.
+#[test]
+fn running_sums_of_a_dense_block_fold_into_its_convolutions() -> R {
+    let (n, c, h, w) = (2, 4, 7, 6);
+    let xv = values(n * c * h * w, 71);
+    let (k0, b0) = (values(c * c * 9, 72), values(c, 73));
+    let seps: Vec<[Vec<f32>; 4]> = (0..3u64)
+        .map(|i| {
+            [
+                values(c * 9, 80 + 4 * i),
+                values(c, 81 + 4 * i),
+                values(c * c, 82 + 4 * i),
+                values(c, 83 + 4 * i),
+            ]
+        })
+        .collect();
+    let pads = attr_ints("pads", &[1, 1, 1, 1]);
+    let mut nodes = vec![
+        node("Conv", "conv0", &["x", "w0", "b0"], &["c0"], vec![pads.clone()]),
+        node("Relu", "r0", &["c0"], &["out1"], vec![]),
+    ];
+    let mut inits =
+        vec![init_f32_raw("w0", &[c as i64, c as i64, 3, 3], &k0), init_f32("b0", &[c as i64], b0.clone())];
+    for (i, (input, out)) in [("out1", "out2"), ("in3", "out3"), ("in4", "out4")].into_iter().enumerate() {
+        let [kd, bd, kp, bp] = &seps[i];
+        let names = [format!("wd{i}"), format!("bd{i}"), format!("wp{i}"), format!("bp{i}")];
+        let (dw, d) = (format!("dw{i}"), format!("d{i}"));
+        nodes.push(node(
+            "Conv",
+            &dw,
+            &[input, &names[0], &names[1]],
+            &[&d],
+            vec![pads.clone(), attr_i("group", c as i64)],
+        ));
+        nodes.push(node("Conv", &format!("pw{i}"), &[&d, &names[2], &names[3]], &[out], vec![]));
+        inits.push(init_f32_raw(&names[0], &[c as i64, 1, 3, 3], kd));
+        inits.push(init_f32(&names[1], &[c as i64], bd.clone()));
+        inits.push(init_f32_raw(&names[2], &[c as i64, c as i64, 1, 1], kp));
+        inits.push(init_f32(&names[3], &[c as i64], bp.clone()));
+        match i {
+            0 => nodes.extend([
+                node("Add", "s3", &["out1", "out2"], &["t3"], vec![]),
+                node("Relu", "r3", &["t3"], &["in3"], vec![]),
+            ]),
+            1 => nodes.extend([
+                node("Add", "s4a", &["out2", "out3"], &["t4a"], vec![]),
+                node("Add", "s4", &["out1", "t4a"], &["t4"], vec![]),
+                node("Relu", "r4", &["t4"], &["in4"], vec![]),
+            ]),
+            _ => nodes.extend([
+                node("Add", "s5a", &["out3", "out4"], &["t5a"], vec![]),
+                node("Add", "s5b", &["out2", "t5a"], &["t5b"], vec![]),
+                node("Add", "s5", &["out1", "t5b"], &["t5"], vec![]),
+                node("Relu", "r5", &["t5"], &["y"], vec![]),
+            ]),
+        }
+    }
+    let m = model(nodes, inits, &["x"], &["y"], 13);
+    let g = OnnxGraph::from_model(&m, &Device::Cpu)?;
+    assert_eq!(g.num_steps(), 4, "conv0+relu, then one separable convolution per running sum");
+
+    let dims = [n, c, h, w];
+    let relu = |v: &[f32]| v.iter().map(|v| v.max(0.0)).collect::<Vec<f32>>();
+    let sum =
+        |vs: &[&Vec<f32>]| (0..vs[0].len()).map(|i| vs.iter().map(|v| v[i]).sum()).collect::<Vec<f32>>();
+    let sep = |x: &[f32], i: usize| {
+        let [kd, bd, kp, bp] = &seps[i];
+        let (d, _) = naive_conv(x, dims, kd, [c, 1, 3, 3], Some(bd), c, [1, 1], [1, 1], [1, 1, 1, 1]);
+        naive_conv(&d, dims, kp, [c, c, 1, 1], Some(bp), 1, [1, 1], [1, 1], [0, 0, 0, 0]).0
+    };
+    let (c0, _) = naive_conv(&xv, dims, &k0, [c, c, 3, 3], Some(&b0), 1, [1, 1], [1, 1], [1, 1, 1, 1]);
+    let out1 = relu(&c0);
+    let out2 = sep(&out1, 0);
+    let in3 = relu(&sum(&[&out1, &out2]));
+    let out3 = sep(&in3, 1);
+    let in4 = relu(&sum(&[&out1, &out2, &out3]));
+    let out4 = sep(&in4, 2);
+    let y = relu(&sum(&[&out1, &out2, &out3, &out4]));
+    assert!(in3.contains(&0.0) && y.contains(&0.0), "the test needs negative sums");
+
+    let x = Tensor::from_vec(xv, dims.to_vec(), &Device::Cpu)?;
+    let names = ["y", "out2", "in3", "out3", "in4"];
+    let got = g.run(&[("x", &x)], &names)?;
+    for ((name, got), want) in names.iter().zip(&got).zip([&y, &out2, &in3, &out3, &in4]) {
+        assert_eq!(got.dims(), &dims, "{name}");
+        let d = max_diff(&got.flatten_all()?.to_vec1::<f32>()?, want);
+        assert!(d < 1e-4, "{name}: max diff {d}");
+    }
+    // A running sum the fused plan no longer stores, through the unfused plan.
+    let got = g.run(&[("x", &x)], &["t4"])?.remove(0).flatten_all()?.to_vec1::<f32>()?;
+    assert!(max_diff(&got, &sum(&[&out1, &out2, &out3])) < 1e-4, "t4 by name");
+    Ok(())
+}
+
 /// Chains of `Add`s whose intermediate sums nothing else reads are planned as one n-ary sum (with
 /// the `Relu` after it, and broadcasting operands through candle); a sum read twice stays a step
 /// of its own; values are those of the plain arithmetic, and removed sums can still be asked for.

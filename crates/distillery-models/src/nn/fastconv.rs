@@ -7,8 +7,9 @@
 //! tensor is never stored), multiplies it by the weights with one single-threaded `gemm` call
 //! writing straight into the output, then adds the bias and applies an optional ReLU in place.
 //! Tiles are sized so the unfolded buffer stays in cache, and enough of them exist to keep every
-//! thread busy; `accumulate` adds into the output instead of overwriting it, which turns a
-//! residual connection into a free epilogue. A 1×1 convolution without pre-activation reads the
+//! thread busy; `accumulate` adds into the output instead of overwriting it, and [`Sum`] adds
+//! other tensors to each tile while it is in cache (residual connections and sums of branches
+//! as free epilogues). A 1×1 convolution without pre-activation reads the
 //! input directly, with no copy.
 //!
 //! Inputs and outputs are channel ranges of NCHW buffers: image `i`, channel `c` of a view starts
@@ -157,6 +158,15 @@ impl DepthwiseStage<'_> {
 struct Planes<P> {
     ptr: P,
     img_stride: usize,
+}
+
+/// Operands added to a convolution's output in its epilogue (each a contiguous
+/// `[n, c_out, ho, wo]` buffer), and where that sum goes: `out` (contiguous, of the same shape)
+/// when the convolution's own output is kept apart in `dst`, else `dst` itself.
+#[derive(Clone, Copy)]
+struct SumPlanes<'a> {
+    adds: &'a [&'a [f32]],
+    out: Option<SendMut>,
 }
 
 #[derive(Clone, Copy)]
@@ -773,19 +783,48 @@ impl WithLanes for DepthwiseTile<'_, '_> {
     }
 }
 
+/// `row ← relu?(row + bias + Σ adds[at..])`: one pass per operand (the row is in L1), the bias
+/// with the first and the ReLU with the last.
+#[inline(always)]
+fn finish_row(row: &mut [f32], bias: f32, adds: &[&[f32]], at: usize, relu: bool) {
+    let nc = row.len();
+    let relu_at = |last: bool| relu && last;
+    match adds.split_first() {
+        None if relu => row.iter_mut().for_each(|v| *v = (*v + bias).max(0.0)),
+        None => row.iter_mut().for_each(|v| *v += bias),
+        Some((a0, rest)) => {
+            let r = relu_at(rest.is_empty());
+            row.iter_mut().zip(&a0[at..at + nc]).for_each(|(v, &a)| {
+                let s = *v + bias + a;
+                *v = if r { s.max(0.0) } else { s };
+            });
+            for (i, a) in rest.iter().enumerate() {
+                let r = relu_at(i + 1 == rest.len());
+                row.iter_mut().zip(&a[at..at + nc]).for_each(|(v, &a)| {
+                    let s = *v + a;
+                    *v = if r { s.max(0.0) } else { s };
+                });
+            }
+        }
+    }
+}
+
 /// The convolution over raw planes.
 ///
 /// # Safety
 /// `src` holds `x.n` images of `c_in` planes of `h·w` floats at `src.img_stride` apart; `dst`
 /// holds `x.n` images of `c_out` planes of `ho·wo` floats at `dst.img_stride` apart; no output
 /// plane overlaps an input plane. With a depthwise `stage`, `x` is the extent of the stage's
-/// output and `src` holds the stage's input planes of `stage_hw`.
+/// output and `src` holds the stage's input planes of `stage_hw`. With a `sum`, `dst` is
+/// contiguous (`img_stride` = `c_out·ho·wo`), every operand holds `x.n·c_out·ho·wo` floats, and
+/// its `out`, if any, has room for as many and overlaps nothing else.
 unsafe fn conv_raw(
     op: &FusedConv<'_>,
     x: Extent,
     src: Planes<SendConst>,
     dst: Planes<SendMut>,
     stage: Option<(&DepthwiseStage<'_>, (usize, usize))>,
+    sum: Option<SumPlanes<'_>>,
 ) -> Result<()> {
     let FusedConv { geom: ref g, weight, pre, epi } = *op;
     let Extent { n, h, w } = x;
@@ -803,6 +842,17 @@ unsafe fn conv_raw(
         && b.len() != g.c_out
     {
         bail!("conv: bias has {} values for {} output channels", b.len(), g.c_out);
+    }
+    let adds = sum.map_or(&[][..], |s| s.adds);
+    let sum_out = sum.and_then(|s| s.out);
+    let plane_stride = g.c_out * hw_out;
+    if sum.is_some()
+        && (dst.img_stride != plane_stride
+            || epi.accumulate
+            || adds.is_empty()
+            || adds.iter().any(|a| a.len() != n * plane_stride))
+    {
+        bail!("conv: the operands of a fused sum must be [{n}, {}, {ho}, {wo}], as the output", g.c_out);
     }
     let threads = rayon::current_num_threads();
     let cols = tile_cols(k, hw_out, n, threads);
@@ -873,7 +923,7 @@ unsafe fn conv_raw(
                 Err(_) => unfold_and_multiply(&mut Vec::new()),
             });
         }
-        if epi.bias.is_some() || epi.relu {
+        if epi.bias.is_some() || epi.relu || !adds.is_empty() {
             simd::vectorized(
                 #[inline(always)]
                 || {
@@ -881,10 +931,25 @@ unsafe fn conv_raw(
                         // SAFETY: row `co` of this task's tile, owned by this task.
                         let row = unsafe { std::slice::from_raw_parts_mut(d.add(co * hw_out), nc) };
                         let b = epi.bias.map_or(0.0, |b| b[co]);
-                        if epi.relu {
-                            row.iter_mut().for_each(|v| *v = (*v + b).max(0.0));
-                        } else {
-                            row.iter_mut().for_each(|v| *v += b);
+                        // The same columns of the sum's operands (and of its own output).
+                        let at = img * plane_stride + co * hw_out + j0;
+                        match sum_out {
+                            None => finish_row(row, b, adds, at, epi.relu),
+                            Some(out) => {
+                                // SAFETY: `out` is contiguous like `dst`; this task owns the tile.
+                                let out = unsafe { std::slice::from_raw_parts_mut(out.get().add(at), nc) };
+                                // Its own output plus the bias, then the sum from there.
+                                let (a0, rest) = adds.split_first().expect("a sum has operands");
+                                let r = epi.relu && rest.is_empty();
+                                for ((v, o), &a) in row.iter_mut().zip(out.iter_mut()).zip(&a0[at..at + nc]) {
+                                    *v += b;
+                                    let s = *v + a;
+                                    *o = if r { s.max(0.0) } else { s };
+                                }
+                                if !rest.is_empty() {
+                                    finish_row(out, 0.0, rest, at, epi.relu);
+                                }
+                            }
                         }
                     }
                 },
@@ -947,7 +1012,7 @@ pub fn conv2d(
         img_stride: dst_ch.channels * ho * wo,
     };
     // SAFETY: sizes checked above; `src` and `dst` are distinct borrows.
-    unsafe { conv_raw(op, x, s, d, None) }
+    unsafe { conv_raw(op, x, s, d, None, None) }
 }
 
 /// Convolves input channels `src_c..src_c + c_in` of `buf` (`[n, c_total, h, w]`) into channels
@@ -977,7 +1042,7 @@ pub fn conv2d_within(
     let s = Planes { ptr: SendConst(unsafe { base.add(src_c * plane) }), img_stride: c_total * plane };
     let d = Planes { ptr: SendMut(unsafe { base.add(dst_c * plane) }), img_stride: c_total * plane };
     // SAFETY: channel ranges checked in bounds and disjoint; `buf` is exclusively borrowed.
-    unsafe { conv_raw(op, x, s, d, None) }
+    unsafe { conv_raw(op, x, s, d, None, None) }
 }
 
 /// The contiguous f32 values behind a CPU tensor's storage, or `None` for other storage.
@@ -1015,82 +1080,97 @@ pub fn host_weights(weight: &Tensor) -> Option<Vec<f32>> {
     weight.to_dtype(DType::F32).ok()?.flatten_all().ok()?.to_vec1::<f32>().ok()
 }
 
+/// Operands a convolution adds to its output before its ReLU (a residual connection, a sum of
+/// branches), each a tensor of the output's shape; with `keep_own` the convolution's own output
+/// (bias included, no ReLU) is returned too, ahead of the sum.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Sum<'a> {
+    pub adds: &'a [&'a Tensor],
+    pub keep_own: bool,
+}
+
 /// [`conv2d`] on a tensor `[n, c_in, h, w]`, returning `[n, c_out, ho, wo]` (`op.epi.accumulate`
 /// is ignored); `None` when `x` is not a CPU f32 tensor (callers fall back to candle's
 /// convolution).
 pub fn conv2d_tensor(op: &FusedConv<'_>, x: &Tensor) -> Result<Option<Tensor>> {
-    conv2d_tensor_onto(op, x, None)
+    Ok(conv2d_tensor_sum(op, x, Sum::default())?.map(|mut ys| ys.swap_remove(0)))
 }
 
-/// [`conv2d_tensor`] whose output starts as a copy of `base` (a residual connection: the product
-/// is added to it before the bias and ReLU of `op.epi`); `None` also when `base` is not a CPU f32
-/// tensor of the output's shape.
-pub fn conv2d_tensor_onto(op: &FusedConv<'_>, x: &Tensor, base: Option<&Tensor>) -> Result<Option<Tensor>> {
+/// [`conv2d_tensor`] plus the operands of `sum`, added in the epilogue of each output tile while
+/// it is in cache: `[relu?(conv + bias + Σ adds)]`, or `[conv + bias, relu?(conv + bias + Σ
+/// adds)]` with `keep_own`. `None` also when an operand is not a contiguous CPU f32 tensor of
+/// the output's shape.
+pub fn conv2d_tensor_sum(op: &FusedConv<'_>, x: &Tensor, sum: Sum<'_>) -> Result<Option<Vec<Tensor>>> {
     let g = &op.geom;
     let (n, c, h, w) = x.dims4()?;
     if c != g.c_in {
         bail!("conv: input has {c} channels, the weights expect {}", g.c_in);
     }
     let (ho, wo) = g.out_hw(h, w)?;
-    let Some((mut dst, accumulate)) = output_buffer(&[n, g.c_out, ho, wo], base)? else { return Ok(None) };
+    let op = FusedConv { epi: Epilogue { accumulate: false, ..op.epi }, ..*op };
+    // SAFETY: `run_onto` hands over `[n, c, h, w]` and distinct outputs of `[n, c_out, ho, wo]`.
+    run_onto(x, (g.c_out, ho, wo), sum, |src, d, sp| unsafe {
+        conv_raw(&op, Extent { n, h, w }, src, d, None, sp)
+    })
+}
+
+/// Runs `kernel` on the values of `x` (`[n, c, h, w]`), fresh outputs of `[n, c_out, ho, wo]`
+/// that it must write whole, and the operands of `sum`; returns the outputs (see
+/// [`conv2d_tensor_sum`]), or `None` when a tensor is not a contiguous CPU f32 tensor (of the
+/// output's shape, for the operands).
+fn run_onto(
+    x: &Tensor,
+    (c_out, ho, wo): (usize, usize, usize),
+    sum: Sum<'_>,
+    kernel: impl FnOnce(Planes<SendConst>, Planes<SendMut>, Option<SumPlanes<'_>>) -> Result<()>,
+) -> Result<Option<Vec<Tensor>>> {
+    let (n, c, h, w) = x.dims4()?;
+    if sum.keep_own && sum.adds.is_empty() {
+        bail!("conv: its own output kept apart from a sum of no operands");
+    }
+    let dims = (n, c_out, ho, wo);
+    if sum.adds.iter().any(|a| a.dims() != [n, c_out, ho, wo]) {
+        return Ok(None);
+    }
+    let total = n * c_out * ho * wo;
     let x = x.contiguous()?;
-    let out = cpu_f32(&x, |src| -> Result<()> {
+    let mut own = Vec::<f32>::with_capacity(total);
+    let mut summed = Vec::<f32>::with_capacity(if sum.keep_own { total } else { 0 });
+    let tensors: Vec<&Tensor> = std::iter::once(&x).chain(sum.adds.iter().copied()).collect();
+    let ran = cpu_f32_all(&tensors, |v| {
+        let (src, adds) = v.split_first().expect("the input comes first");
         if src.len() != n * c * h * w {
             bail!("conv: input of {} values is not [{n}, {c}, {h}, {w}]", src.len());
         }
-        let op = FusedConv { epi: Epilogue { accumulate, ..op.epi }, ..*op };
         let s = Planes { ptr: SendConst(src.as_ptr()), img_stride: c * h * w };
-        let d = Planes { ptr: SendMut(dst.as_mut_ptr()), img_stride: g.c_out * ho * wo };
-        // SAFETY: `src` is `[n, c, h, w]`; `dst` has room for `[n, c_out, ho, wo]` (written
-        // whole by the kernel, or holding `base` when accumulating); distinct buffers.
-        unsafe { conv_raw(&op, Extent { n, h, w }, s, d, None) }
+        let d = Planes { ptr: SendMut(own.as_mut_ptr()), img_stride: c_out * ho * wo };
+        let sp = (!adds.is_empty())
+            .then(|| SumPlanes { adds, out: sum.keep_own.then_some(SendMut(summed.as_mut_ptr())) });
+        kernel(s, d, sp)
     });
-    finish_output(dst, out, (n, g.c_out, ho, wo))
-}
-
-/// The tensor of a buffer from [`output_buffer`] once a kernel has run on it: a fresh buffer
-/// (length 0) was written whole by the kernel.
-fn finish_output(
-    mut dst: Vec<f32>,
-    ran: Option<Result<()>>,
-    dims: (usize, usize, usize, usize),
-) -> Result<Option<Tensor>> {
-    match ran {
-        Some(r) => {
-            r?;
-            let total = dims.0 * dims.1 * dims.2 * dims.3;
-            if dst.is_empty() {
-                debug_assert!(dst.capacity() >= total);
-                // SAFETY: the kernel succeeded and wrote every element of the output.
-                unsafe { dst.set_len(total) };
-            }
-            Ok(Some(Tensor::from_vec(dst, dims, &Device::Cpu)?))
-        }
-        None => Ok(None),
+    let Some(ran) = ran else { return Ok(None) };
+    ran?;
+    // SAFETY: the kernel succeeded and wrote every element of its outputs.
+    unsafe { own.set_len(total) };
+    let mut ys = vec![Tensor::from_vec(own, dims, &Device::Cpu)?];
+    if sum.keep_own {
+        // SAFETY: as above.
+        unsafe { summed.set_len(total) };
+        ys.push(Tensor::from_vec(summed, dims, &Device::Cpu)?);
     }
-}
-
-/// A fresh output of `dims`: an empty buffer with room for it, which the kernel writes whole
-/// (no zeroing first; see [`finish_output`]), or a copy of `base` to accumulate onto (`true`);
-/// `None` when `base` is not a CPU f32 tensor of exactly that shape.
-fn output_buffer(dims: &[usize], base: Option<&Tensor>) -> Result<Option<(Vec<f32>, bool)>> {
-    match base {
-        None => Ok(Some((Vec::with_capacity(dims.iter().product()), false))),
-        Some(b) if b.dims() == dims => Ok(cpu_f32(&b.contiguous()?, |v| (v.to_vec(), true))),
-        Some(_) => Ok(None),
-    }
+    Ok(Some(ys))
 }
 
 /// A depthwise `stage` followed by the 1×1, stride-1 convolution `pw` on a tensor `[n, c, h, w]`,
-/// returning `[n, pw.c_out, ho, wo]` without storing the depthwise output, onto a copy of `base`
-/// when given (as [`conv2d_tensor_onto`]); `None` when `x` (or `base`) is not a CPU f32 tensor
-/// (of the output's shape).
+/// without storing the depthwise output, with the operands of `sum` added as in
+/// [`conv2d_tensor_sum`] (its outputs are `[n, pw.c_out, ho, wo]`); `None` when `x` or an
+/// operand is not a contiguous CPU f32 tensor (of the output's shape).
 pub fn separable_tensor(
     stage: &DepthwiseStage<'_>,
     pw: &FusedConv<'_>,
     x: &Tensor,
-    base: Option<&Tensor>,
-) -> Result<Option<Tensor>> {
+    sum: Sum<'_>,
+) -> Result<Option<Vec<Tensor>>> {
     let (n, c, h, w) = x.dims4()?;
     let (dg, g) = (&stage.geom, &pw.geom);
     if c != dg.c_in
@@ -1111,16 +1191,11 @@ pub fn separable_tensor(
         bail!("separable conv: depthwise weights of {} values for {c} channels", stage.weight.len());
     }
     let (ho, wo) = stage.out_hw(h, w)?;
-    let Some((mut dst, accumulate)) = output_buffer(&[n, g.c_out, ho, wo], base)? else { return Ok(None) };
-    let x = x.contiguous()?;
-    let out = cpu_f32(&x, |src| -> Result<()> {
-        let op = FusedConv { epi: Epilogue { accumulate, ..pw.epi }, ..*pw };
-        let s = Planes { ptr: SendConst(src.as_ptr()), img_stride: c * h * w };
-        let d = Planes { ptr: SendMut(dst.as_mut_ptr()), img_stride: g.c_out * ho * wo };
-        // SAFETY: `src` is `[n, c, h, w]`, `dst` `[n, c_out, ho, wo]`, distinct buffers.
-        unsafe { conv_raw(&op, Extent { n, h: ho, w: wo }, s, d, Some((stage, (h, w)))) }
-    });
-    finish_output(dst, out, (n, g.c_out, ho, wo))
+    let op = FusedConv { epi: Epilogue { accumulate: false, ..pw.epi }, ..*pw };
+    // SAFETY: `run_onto` hands over `[n, c, h, w]` and distinct outputs of `[n, c_out, ho, wo]`.
+    run_onto(x, (g.c_out, ho, wo), sum, |src, d, sp| unsafe {
+        conv_raw(&op, Extent { n, h: ho, w: wo }, src, d, Some((stage, (h, w))), sp)
+    })
 }
 
 #[cfg(test)]
@@ -1218,6 +1293,15 @@ mod tests {
                 let d = max_diff(&ours, &theirs);
                 assert!(d < 1e-4, "case {case} pre={with_pre} bias={with_bias} relu={relu}: max diff {d}");
             }
+            // Sums in the epilogue: two operands, its own output kept apart, the ReLU after the sum.
+            let own = reference(&x, &wt, &g, None, Some(&bias), false);
+            let (a, b) = (randn(own.dims(), 500 + case as u64), randn(own.dims(), 600 + case as u64));
+            let epi = Epilogue { bias: Some(&bv), relu: true, accumulate: false };
+            let op = FusedConv { geom: g, weight: &wv, pre: None, epi };
+            let ys = conv2d_tensor_sum(&op, &x, Sum { adds: &[&a, &b], keep_own: true }).unwrap().unwrap();
+            assert!(max_diff(&ys[0], &own) < 1e-4, "case {case}: own output beside the sum");
+            let want = ((&own + &a).unwrap() + &b).unwrap().relu().unwrap();
+            assert!(max_diff(&ys[1], &want) < 1e-4, "case {case}: the sum");
         }
     }
 
@@ -1445,7 +1529,7 @@ mod tests {
                     pre: None,
                     epi: Epilogue { bias: Some(&bpv), relu: pw_relu, accumulate: false },
                 };
-                let ours = separable_tensor(&stage, &pw, &x, None).unwrap().unwrap();
+                let ours = separable_tensor(&stage, &pw, &x, Sum::default()).unwrap().unwrap().remove(0);
                 let f64 = |t: &Tensor| t.to_dtype(DType::F64).unwrap();
                 let xp = x.pad_with_zeros(2, p, pe).unwrap().pad_with_zeros(3, p, pe).unwrap();
                 let mut mid = f64(&xp)
@@ -1468,18 +1552,38 @@ mod tests {
                 let d = max_diff(&ours, &want);
                 assert!(d < 1e-4, "case {case} relu {dw_relu}/{pw_relu}: max diff {d}");
                 if dw_relu && !pw_relu {
-                    // Onto a residual, with the ReLU after the sum.
-                    let base = randn(want.dims(), seed + 6);
-                    let op = FusedConv { epi: Epilogue { relu: true, ..pw.epi }, ..pw };
-                    let ours = separable_tensor(&stage, &op, &x, Some(&base)).unwrap().unwrap();
-                    let d = max_diff(&ours, &(&want + &base).unwrap().relu().unwrap());
-                    assert!(d < 1e-4, "case {case} onto a residual: max diff {d}");
-                    assert!(
-                        separable_tensor(&stage, &pw, &x, Some(&randn(&[n, co + 1, 2, 2], seed)))
+                    // Sums onto one, two and three operands, with the ReLU after the sum, and
+                    // with the convolution's own output kept apart.
+                    let ops: Vec<Tensor> = (0..3).map(|i| randn(want.dims(), seed + 6 + i)).collect();
+                    for (count, keep_own, relu) in
+                        [(1, false, true), (2, true, true), (3, true, false), (3, false, true)]
+                    {
+                        let adds: Vec<&Tensor> = ops[..count].iter().collect();
+                        let op = FusedConv { epi: Epilogue { relu, ..pw.epi }, ..pw };
+                        let ys = separable_tensor(&stage, &op, &x, Sum { adds: &adds, keep_own })
                             .unwrap()
-                            .is_none(),
-                        "a base of another shape"
+                            .unwrap();
+                        let mut total = want.clone();
+                        for a in &adds {
+                            total = (&total + *a).unwrap();
+                        }
+                        let total = if relu { total.relu().unwrap() } else { total };
+                        assert_eq!(ys.len(), 1 + usize::from(keep_own), "case {case}: outputs");
+                        let d = max_diff(ys.last().unwrap(), &total);
+                        assert!(d < 1e-4, "case {case} sum of {count} (relu {relu}): max diff {d}");
+                        if keep_own {
+                            let d = max_diff(&ys[0], &want);
+                            assert!(d < 1e-4, "case {case} own output beside a sum of {count}: max diff {d}");
+                        }
+                    }
+                    let other = randn(&[n, co + 1, 2, 2], seed);
+                    let sum = Sum { adds: &[&other], keep_own: false };
+                    assert!(
+                        separable_tensor(&stage, &pw, &x, sum).unwrap().is_none(),
+                        "an operand of another shape"
                     );
+                    let none = Sum { adds: &[], keep_own: true };
+                    assert!(separable_tensor(&stage, &pw, &x, none).is_err(), "its own output beside no sum");
                 }
             }
         }
@@ -1491,7 +1595,8 @@ mod tests {
             pre: None,
             epi: Epilogue::default(),
         };
-        let e = separable_tensor(&stage, &pw, &randn(&[1, 4, 5, 5], 1), None).unwrap_err().to_string();
+        let e =
+            separable_tensor(&stage, &pw, &randn(&[1, 4, 5, 5], 1), Sum::default()).unwrap_err().to_string();
         assert!(e.contains("do not fit"), "{e}");
     }
 

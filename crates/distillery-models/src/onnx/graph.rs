@@ -107,9 +107,9 @@ impl OnnxGraph {
     /// Plans for speed: the constant weights of every convolution are flattened on the host once;
     /// a `Relu` whose input nothing else reads is folded into the `Conv` or `Add` producing it
     /// (one pass over the data instead of two, one tensor fewer); then a depthwise `Conv` whose
-    /// output only a 1×1 `Conv` reads is folded into it (its output is never stored); then an
-    /// `Add` is folded into the convolution producing one of its operands. The unfused plan is
-    /// kept for runs that ask for a value fusion removed.
+    /// output only a 1×1 `Conv` reads is folded into it (its output is never stored); then
+    /// chains of `Add`s become n-ary sums, and each sum is folded into the convolution producing
+    /// one of its operands. The unfused plan is kept for runs that ask for a value fusion removed.
     fn fuse(&mut self) -> Result<(), OnnxError> {
         for st in &mut self.steps {
             let Op::Conv(_, extras) = &mut st.op else { continue };
@@ -128,9 +128,9 @@ impl OnnxGraph {
         let before = (self.steps.clone(), self.producer.clone());
         let relus = self.fold_relus();
         let separables = self.fold_separables();
-        let adds = self.fold_adds();
         let chains = self.fold_add_chains();
-        if relus + separables + adds + chains > 0 {
+        let sums = self.fold_sums();
+        if relus + separables + chains + sums > 0 {
             self.exact = Some(before);
         }
         Ok(())
@@ -225,56 +225,73 @@ impl OnnxGraph {
         self.drop_steps(&removed)
     }
 
-    /// Folds each `Add` (or `Add+Relu`) into the convolution producing one of its operands, when
-    /// only the `Add` reads that output, the convolution has no ReLU of its own, and the other
-    /// operand is ready before the convolution runs: the convolution then writes onto a copy of
-    /// the other operand (no separate pass, no extra tensor). Returns how many.
-    fn fold_adds(&mut self) -> usize {
+    /// Folds each sum (`Add`, `Add+Relu`, or an n-ary sum from [`Self::fold_add_chains`]) into the
+    /// convolution producing one of its operands, when that convolution has no ReLU or sum of its
+    /// own and the other operands are ready before it runs: it then adds them to each output tile
+    /// while the tile is in cache (no separate pass over the operands). When only the sum reads
+    /// the convolution's output, the sum replaces that output; otherwise the convolution keeps it
+    /// and writes the sum as a second output (the running sums of a dense block). Returns how
+    /// many sums were folded.
+    fn fold_sums(&mut self) -> usize {
         let single = self.single_reader_slots();
         let mut removed = vec![false; self.steps.len()];
         for i in 0..self.steps.len() {
             let relu = match self.steps[i].op {
                 Op::Binary(BinOp::Add) => false,
                 Op::AddRelu => true,
+                Op::AddN { relu } => relu,
                 _ => continue,
             };
-            let (Some(Some(a)), Some(Some(b))) =
-                (self.steps[i].inputs.first().copied(), self.steps[i].inputs.get(1).copied())
-            else {
+            let Some(operands) = self.steps[i].inputs.iter().copied().collect::<Option<Vec<usize>>>() else {
                 continue;
             };
-            // The later producer first: the other operand is then more likely computed already.
-            let mut candidates = [(a, b), (b, a)];
-            candidates.sort_by_key(|&(conv_out, _)| std::cmp::Reverse(self.producer[conv_out]));
-            for (conv_out, other) in candidates {
+            // The latest-produced operand first: the others are then more likely computed already.
+            let mut order: Vec<usize> = (0..operands.len()).collect();
+            order.sort_by_key(|&k| std::cmp::Reverse(self.producer[operands[k]]));
+            for k in order {
+                let conv_out = operands[k];
                 let Some(p) = self.producer[conv_out] else { continue };
-                let ready = self.producer[other].is_none_or(|q| q < p);
+                let others: Vec<usize> =
+                    operands.iter().enumerate().filter(|&(j, _)| j != k).map(|(_, &o)| o).collect();
+                let ready = others.iter().all(|&o| self.producer[o].is_none_or(|q| q < p));
                 let st = &self.steps[p];
                 let fusable = match &st.op {
                     Op::Conv(_, extras) => !extras.relu,
                     Op::Separable(sep) => !sep.relu(),
                     _ => false,
                 };
-                if !fusable
-                    || !ready
-                    || !single[conv_out]
-                    || removed[p]
-                    || st.outputs.len() != 1
-                    || st.inputs.len() > 3
-                {
+                if !fusable || !ready || removed[p] || st.outputs.len() != 1 || st.inputs.len() > 3 {
                     continue;
                 }
+                let keep_own = !single[conv_out];
                 let outputs = self.steps[i].outputs.clone();
+                let sum_type = match others.len() {
+                    1 => "Add".to_owned(),
+                    n => format!("Sum{}", n + 1),
+                };
                 let st = &mut self.steps[p];
                 match &mut st.op {
-                    Op::Conv(_, extras) => extras.relu = relu,
-                    Op::Separable(sep) if relu => sep.set_relu(),
-                    _ => {}
+                    Op::Conv(_, extras) => {
+                        extras.relu = relu;
+                        extras.keep_own = keep_own;
+                    }
+                    Op::Separable(sep) => sep.fuse_sum(relu, keep_own),
+                    _ => unreachable!("checked fusable above"),
                 }
                 st.inputs.resize(3, None);
-                st.inputs.push(Some(other));
-                st.op_type.push_str(if relu { "+Add+Relu" } else { "+Add" });
-                st.outputs = outputs;
+                st.inputs.extend(others.into_iter().map(Some));
+                // `+` when the sum replaces the output, `,` when it is a second output.
+                st.op_type = format!(
+                    "{}{}{sum_type}{}",
+                    st.op_type,
+                    if keep_own { "," } else { "+" },
+                    if relu { "+Relu" } else { "" }
+                );
+                if keep_own {
+                    st.outputs.extend(outputs);
+                } else {
+                    st.outputs = outputs;
+                }
                 removed[i] = true;
                 break;
             }

@@ -83,11 +83,15 @@ impl ConvAttrs {
 
 /// What a `Conv` node carries beyond its attributes once the graph is planned: its constant
 /// weights and bias flattened on the host (read per batch by the CPU kernels instead of being
-/// copied out of their tensors every time), and a ReLU fused from the node that followed it.
+/// copied out of their tensors every time), a ReLU fused from the node that followed it (after
+/// any fused sum), and whether a fused sum goes to a second output.
 #[derive(Clone, Debug, Default)]
 pub(crate) struct ConvExtras {
     pub(crate) host: Option<HostConv>,
     pub(crate) relu: bool,
+    /// The node's outputs are the convolution's own output and then the ReLU of its sum with
+    /// the operands planning fused into it (inputs 3..), instead of that ReLU alone.
+    pub(crate) keep_own: bool,
 }
 
 /// A convolution's weights `[c_out, c_in/group, kh, kw]` and bias, flattened f32 on the host.
@@ -238,21 +242,22 @@ pub(crate) fn pad_axis(
     Tensor::cat(&parts, axis)
 }
 
-/// ONNX `Conv` for 1-D and 2-D inputs (`[N, C, L]` or `[N, C, H, W]`), plus `residual` when
-/// given (an `Add` fused into it), followed by a ReLU when `extras.relu`.
+/// ONNX `Conv` for 1-D and 2-D inputs (`[N, C, L]` or `[N, C, H, W]`), plus the sum with `adds`
+/// (operands planning fused into it), followed by a ReLU when `extras.relu`: one output, or the
+/// convolution's own and then the sum with `extras.keep_own`.
 pub(crate) fn conv(
     x: &Tensor,
     w: &Tensor,
     b: Option<&Tensor>,
-    residual: Option<&Tensor>,
+    adds: &[&Tensor],
     c: &ConvAttrs,
     extras: &ConvExtras,
-) -> Result<Tensor> {
+) -> Result<Vec<Tensor>> {
     match x.rank() {
-        3 if residual.is_some_and(|r| r.rank() > 3) => {
-            // A residual that broadcasts the output to a higher rank: added afterwards.
-            let y = conv(x, w, b, None, c, &ConvExtras { relu: false, ..extras.clone() })?;
-            add_residual(y, residual, extras.relu)
+        3 if adds.iter().any(|a| a.rank() > 3) => {
+            // An operand that broadcasts the output to a higher rank: added afterwards.
+            let y = conv(x, w, b, &[], c, &ConvExtras { relu: false, keep_own: false, ..extras.clone() })?;
+            finish_sum(one(y)?, adds, extras)
         }
         3 => {
             // A 1-D convolution is a 2-D one over a height-1 image.
@@ -266,14 +271,27 @@ pub(crate) fn conv(
                 ..c.clone()
             };
             // The flattened host weights keep their order with the added axis.
-            // A residual gets the same height-1 axis (its trailing axes align with the output's).
-            let residual = residual
-                .map(|r| if r.rank() == 0 { Ok(r.clone()) } else { r.unsqueeze(r.rank() - 1) })
-                .transpose()?;
-            conv(&x.unsqueeze(2)?, &w.unsqueeze(2)?, b, residual.as_ref(), &c2, extras)?.squeeze(2)
+            // The operands get the same height-1 axis (their trailing axes align with the output's).
+            let adds = adds
+                .iter()
+                .map(|r| if r.rank() == 0 { Ok((*r).clone()) } else { r.unsqueeze(r.rank() - 1) })
+                .collect::<Result<Vec<_>>>()?;
+            let adds: Vec<&Tensor> = adds.iter().collect();
+            conv(&x.unsqueeze(2)?, &w.unsqueeze(2)?, b, &adds, &c2, extras)?
+                .into_iter()
+                .map(|y| y.squeeze(2))
+                .collect()
         }
-        4 => conv2d(x, w, b, residual, c, extras),
+        4 => conv2d(x, w, b, adds, c, extras),
         r => bail!("only 1-D and 2-D convolutions are supported, input has rank {r}"),
+    }
+}
+
+/// The only output of a convolution without a fused sum.
+fn one(mut ys: Vec<Tensor>) -> Result<Tensor> {
+    match ys.len() {
+        1 => Ok(ys.swap_remove(0)),
+        n => bail!("a convolution without a fused sum returned {n} outputs"),
     }
 }
 
@@ -281,10 +299,10 @@ fn conv2d(
     x: &Tensor,
     w: &Tensor,
     b: Option<&Tensor>,
-    residual: Option<&Tensor>,
+    adds: &[&Tensor],
     c: &ConvAttrs,
     extras: &ConvExtras,
-) -> Result<Tensor> {
+) -> Result<Vec<Tensor>> {
     let (n, c_in, h, wd) = x.dims4()?;
     let (c_out, c_in_g, kh, kw) = w.dims4()?;
     if let Some(k) = &c.kernel_shape
@@ -313,9 +331,8 @@ fn conv2d(
             made.as_ref()
         }
     };
-    // The residual is added before the ReLU: a kernel that cannot take it leaves both to the end.
-    let mut pending = residual;
-    let relu_now = relu && residual.is_none();
+    // The sum comes before the ReLU: a kernel that cannot take it leaves both to the end.
+    let relu_now = relu && adds.is_empty();
     let fast = match host {
         Some(hc) if depthwise => {
             let x = x.contiguous()?;
@@ -324,14 +341,19 @@ fn conv2d(
                 .map(|v| Tensor::from_vec(v, (n, c_out, oh, ow), x.device()))
                 .transpose()?
         }
-        Some(hc) => match fast_conv2d(x, hc, (c_out, c_in, kh, kw), ay, ax, relu, residual)? {
-            Some(y) => {
-                pending = None;
-                Some(y)
+        Some(hc) => {
+            let sum = fastconv::Sum { adds, keep_own: extras.keep_own };
+            if let Some(ys) = fast_conv2d(x, hc, (c_out, c_in, kh, kw), ay, ax, relu, sum)? {
+                cost::record(cost::conv2d_macs(ys[0].dims(), c_in_g, kh, kw));
+                return Ok(ys);
             }
-            None if residual.is_some() => fast_conv2d(x, hc, (c_out, c_in, kh, kw), ay, ax, relu_now, None)?,
-            None => None,
-        },
+            match adds {
+                [] => None,
+                _ => fast_conv2d(x, hc, (c_out, c_in, kh, kw), ay, ax, relu_now, fastconv::Sum::default())?
+                    .map(one)
+                    .transpose()?,
+            }
+        }
         None => None,
     };
     let y = match fast {
@@ -370,23 +392,32 @@ fn conv2d(
         }
     };
     cost::record(cost::conv2d_macs(y.dims(), c_in_g, kh, kw));
-    add_residual(y, pending, relu)
+    finish_sum(y, adds, extras)
 }
 
-/// `y + residual` (broadcasting) and then the ReLU, for paths that could not fuse them.
-fn add_residual(y: Tensor, residual: Option<&Tensor>, relu: bool) -> Result<Tensor> {
-    match residual {
-        Some(r) => {
-            let y = y.broadcast_add(r)?;
-            if relu { y.relu() } else { Ok(y) }
-        }
-        None => Ok(y),
+/// The outputs of a convolution `y` (its ReLU applied when there are no `adds`) for paths that
+/// could not fuse the sum: `relu?(y + Σ adds)` (broadcasting), after `y` with `extras.keep_own`.
+fn finish_sum(y: Tensor, adds: &[&Tensor], extras: &ConvExtras) -> Result<Vec<Tensor>> {
+    if adds.is_empty() {
+        return Ok(vec![y]);
     }
+    let operands: Vec<&Tensor> = std::iter::once(&y).chain(adds.iter().copied()).collect();
+    let sum = match cpu_sum(&operands, extras.relu) {
+        Some(sum) => sum?,
+        None => {
+            let mut sum = y.clone();
+            for a in adds {
+                sum = sum.broadcast_add(a)?;
+            }
+            if extras.relu { sum.relu()? } else { sum }
+        }
+    };
+    Ok(if extras.keep_own { vec![y, sum] } else { vec![sum] })
 }
 
 /// A dense (one group, no dilation) convolution of a CPU f32 input through [`fastconv`], with
-/// the bias, the `residual` and the ReLU fused; `None` where the input (or the residual) is not a
-/// CPU f32 tensor (of the output's shape).
+/// the bias, the `sum` and the ReLU fused; `None` where the input (or an operand of the sum) is not
+/// a contiguous CPU f32 tensor (of the output's shape).
 fn fast_conv2d(
     x: &Tensor,
     host: &HostConv,
@@ -394,8 +425,8 @@ fn fast_conv2d(
     ay: Axis,
     ax: Axis,
     relu: bool,
-    residual: Option<&Tensor>,
-) -> Result<Option<Tensor>> {
+    sum: fastconv::Sum<'_>,
+) -> Result<Option<Vec<Tensor>>> {
     // Symmetric padding per axis is part of the geometry; otherwise pad explicitly first.
     let (xp, pad_h, pad_w) = if ay.pad_begin == ay.pad_end && ax.pad_begin == ax.pad_end {
         (x.clone(), ay.pad_begin, ax.pad_begin)
@@ -405,7 +436,7 @@ fn fast_conv2d(
     };
     let geom = ConvGeom { c_in, c_out, kh, kw, stride_h: ay.stride, stride_w: ax.stride, pad_h, pad_w };
     let epi = Epilogue { bias: host.bias.as_deref(), relu, accumulate: false };
-    fastconv::conv2d_tensor_onto(&FusedConv { geom, weight: &host.weight, pre: None, epi }, &xp, residual)
+    fastconv::conv2d_tensor_sum(&FusedConv { geom, weight: &host.weight, pre: None, epi }, &xp, sum)
 }
 
 /// A depthwise convolution fused with the 1×1 convolution that was its only reader (planned by
@@ -427,9 +458,12 @@ impl Separable {
         self.pw_extras.relu
     }
 
-    /// Fuses a ReLU after the pointwise convolution (and after a fused residual).
-    pub(crate) fn set_relu(&mut self) {
-        self.pw_extras.relu = true;
+    /// Fuses a sum after the pointwise convolution (its operands become the node's inputs 3..),
+    /// then a ReLU when `relu`; with `keep_own` the pointwise output stays the first output and
+    /// the sum becomes the second.
+    pub(crate) fn fuse_sum(&mut self, relu: bool, keep_own: bool) {
+        self.pw_extras.relu = relu;
+        self.pw_extras.keep_own = keep_own;
     }
 
     /// The pair when the first is a depthwise convolution (one input channel per group, one
@@ -453,30 +487,25 @@ impl Separable {
 }
 
 /// The fused pair on input `x`, with the pointwise weights `w` and bias `b` (the node's inputs),
-/// plus `residual` (a fused `Add`) before the pointwise ReLU.
+/// plus the sum with `adds` (a fused sum) before the pointwise ReLU; outputs as [`conv`]'s.
 pub(crate) fn separable(
     x: &Tensor,
     w: &Tensor,
     b: Option<&Tensor>,
-    residual: Option<&Tensor>,
+    adds: &[&Tensor],
     s: &Separable,
-) -> Result<Tensor> {
-    if let Some(y) = separable_fast(x, w, residual, s)? {
-        return Ok(y);
+) -> Result<Vec<Tensor>> {
+    if let Some(ys) = separable_fast(x, w, adds, s)? {
+        return Ok(ys);
     }
-    let mid = conv(x, &s.dw_w, s.dw_b.as_ref(), None, &s.dw, &s.dw_extras)?;
-    conv(&mid, w, b, residual, &s.pw, &s.pw_extras)
+    let mid = one(conv(x, &s.dw_w, s.dw_b.as_ref(), &[], &s.dw, &s.dw_extras)?)?;
+    conv(&mid, w, b, adds, &s.pw, &s.pw_extras)
 }
 
 /// The one-pass path; `None` where it does not apply (other devices or dtypes, dilation,
 /// asymmetric padding, a strided or padded pointwise convolution): the caller runs the two
 /// convolutions one after the other.
-fn separable_fast(
-    x: &Tensor,
-    w: &Tensor,
-    residual: Option<&Tensor>,
-    s: &Separable,
-) -> Result<Option<Tensor>> {
+fn separable_fast(x: &Tensor, w: &Tensor, adds: &[&Tensor], s: &Separable) -> Result<Option<Vec<Tensor>>> {
     let (Some(dh), Some(ph)) = (&s.dw_extras.host, &s.pw_extras.host) else { return Ok(None) };
     if x.rank() != 4 || !x.device().is_cpu() || x.dtype() != DType::F32 {
         return Ok(None);
@@ -526,12 +555,13 @@ fn separable_fast(
         pre: None,
         epi: Epilogue { bias: ph.bias.as_deref(), relu: s.pw_extras.relu, accumulate: false },
     };
-    let y = fastconv::separable_tensor(&stage, &pw, x, residual)?;
-    if let Some(y) = &y {
+    let ys =
+        fastconv::separable_tensor(&stage, &pw, x, fastconv::Sum { adds, keep_own: s.pw_extras.keep_own })?;
+    if let Some(ys) = &ys {
         cost::record(cost::conv2d_macs(&[n, c, oh, ow], 1, kh, kw));
-        cost::record(cost::conv2d_macs(y.dims(), c, 1, 1));
+        cost::record(cost::conv2d_macs(ys[0].dims(), c, 1, 1));
     }
-    Ok(y)
+    Ok(ys)
 }
 
 /// Elements below which an elementwise op runs on one thread: splitting smaller maps costs more

@@ -275,9 +275,12 @@ impl Op {
         let y = match self {
             Op::Identity => req(0)?.clone(),
             Op::Constant(t) => t.clone(),
-            // Input 3 exists only when planning fused an `Add` into the convolution.
-            Op::Conv(c, extras) => kernels::conv(req(0)?, req(1)?, opt(2), opt(3), c, extras)?,
-            Op::Separable(s) => kernels::separable(req(0)?, req(1)?, opt(2), opt(3), s)?,
+            // Inputs 3.. exist only when planning fused a sum into the convolution; it may then
+            // have two outputs.
+            Op::Conv(c, extras) => {
+                return kernels::conv(req(0)?, req(1)?, opt(2), &fused(inputs)?, c, extras);
+            }
+            Op::Separable(s) => return kernels::separable(req(0)?, req(1)?, opt(2), &fused(inputs)?, s),
             Op::BatchNorm { eps } => batch_norm(req(0)?, req(1)?, req(2)?, req(3)?, req(4)?, *eps)?,
             Op::Unary(u) => {
                 let x = req(0)?;
@@ -524,6 +527,11 @@ fn required<'a>(inputs: &[Option<&'a Tensor>], i: usize) -> Result<&'a Tensor> {
 
 fn optional<'a>(inputs: &[Option<&'a Tensor>], i: usize) -> Option<&'a Tensor> {
     inputs.get(i).copied().flatten()
+}
+
+/// The operands of a sum fused into a convolution: its inputs from 3 on.
+fn fused<'a>(inputs: &[Option<&'a Tensor>]) -> Result<Vec<&'a Tensor>> {
+    (3..inputs.len().max(3)).map(|i| required(inputs, i)).collect()
 }
 
 fn constant_value(a: &Attrs<'_>, device: &Device) -> std::result::Result<Tensor, String> {
