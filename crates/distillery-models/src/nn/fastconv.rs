@@ -220,6 +220,23 @@ fn tile_cols(k: usize, hw_out: usize, n: usize, threads: usize) -> usize {
     hw_out.div_ceil(tiles).max(1)
 }
 
+/// How a convolution is split into tasks: output columns per tile ([`tile_cols`]) and output
+/// channels per block. Where one tile per thread would be narrower than 128 columns (small
+/// planes at small batches: face-api's 14×14 and 7×7 layers at batch 1), the tiles stay as wide
+/// as for one thread and the output channels are split instead, in multiples of 16 rows: each
+/// task then unfolds the whole tile again (cheap next to its product) but gemm works on wide
+/// tiles.
+fn tiling(k: usize, hw_out: usize, n: usize, c_out: usize, threads: usize) -> (usize, usize) {
+    let cols = tile_cols(k, hw_out, n, threads);
+    if cols >= 128.min(hw_out) || c_out < 32 {
+        return (cols, c_out);
+    }
+    let cols = tile_cols(k, hw_out, n, 1);
+    let tiles = n * hw_out.div_ceil(cols);
+    let blocks = threads.div_ceil(tiles).min(c_out / 16).max(1);
+    (cols, c_out.div_ceil(blocks).next_multiple_of(16).min(c_out))
+}
+
 /// Unfolds output positions `cols` (row-major over the `ho×wo` output) of one `h×w` image into
 /// `buf` (`[k, cols.len()]`), activating on the way.
 ///
@@ -855,33 +872,36 @@ unsafe fn conv_raw(
         bail!("conv: the operands of a fused sum must be [{n}, {}, {ho}, {wo}], as the output", g.c_out);
     }
     let threads = rayon::current_num_threads();
-    let cols = tile_cols(k, hw_out, n, threads);
+    let (cols, co_block) = tiling(k, hw_out, n, g.c_out, threads);
     let per_img = hw_out.div_ceil(cols);
-    let tasks = n * per_img;
+    let blocks = g.c_out.div_ceil(co_block);
+    let tasks = n * per_img * blocks;
     let direct = g.reads_input_directly() && pre.is_none() && stage.is_none();
-    // With fewer tiles than threads, the tiles run one after another and gemm splits each.
+    // With fewer tasks than threads, they run one after another and gemm splits each.
     let tiles_in_parallel = tasks >= threads;
     let inner = if tiles_in_parallel { gemm::Parallelism::None } else { gemm::Parallelism::Rayon(threads) };
     let run = |t: usize| {
-        let (img, j0) = (t / per_img, (t % per_img) * cols);
+        let (tile, block) = (t / blocks, t % blocks);
+        let (img, j0) = (tile / per_img, (tile % per_img) * cols);
         let j1 = (j0 + cols).min(hw_out);
         let nc = j1 - j0;
+        let (co0, co1) = (block * co_block, ((block + 1) * co_block).min(g.c_out));
         // SAFETY: offsets stay inside the image planes the caller vouched for.
         let s = unsafe { src.ptr.get().add(img * src.img_stride) };
         let d = unsafe { dst.ptr.get().add(img * dst.img_stride + j0) };
         let product = |rhs: *const f32, rhs_rs: usize| {
-            // SAFETY: dst rows are `hw_out` apart and this task owns columns j0..j1 of each;
-            // lhs is `[c_out, k]`, rhs `[k, nc]` with row stride `rhs_rs`.
+            // SAFETY: dst rows are `hw_out` apart and this task owns columns j0..j1 of rows
+            // co0..co1; lhs is `[c_out, k]`, rhs `[k, nc]` with row stride `rhs_rs`.
             unsafe {
                 gemm::gemm(
-                    g.c_out,
+                    co1 - co0,
                     nc,
                     k,
-                    d,
+                    d.add(co0 * hw_out),
                     1,
                     hw_out as isize,
                     epi.accumulate,
-                    weight.as_ptr(),
+                    weight.as_ptr().add(co0 * k),
                     1,
                     k as isize,
                     rhs,
@@ -927,7 +947,7 @@ unsafe fn conv_raw(
             simd::vectorized(
                 #[inline(always)]
                 || {
-                    for co in 0..g.c_out {
+                    for co in co0..co1 {
                         // SAFETY: row `co` of this task's tile, owned by this task.
                         let row = unsafe { std::slice::from_raw_parts_mut(d.add(co * hw_out), nc) };
                         let b = epi.bias.map_or(0.0, |b| b[co]);
@@ -1303,6 +1323,37 @@ mod tests {
             let want = ((&own + &a).unwrap() + &b).unwrap().relu().unwrap();
             assert!(max_diff(&ys[1], &want) < 1e-4, "case {case}: the sum");
         }
+    }
+
+    #[test]
+    fn small_planes_split_output_channels_with_the_same_results() {
+        // One 7×7 image on three threads: tiles of 49 columns, 48 output channels in blocks of 16.
+        assert_eq!(tiling(27, 49, 1, 48, 3), (49, 16));
+        assert_eq!(tiling(256, 196, 1, 128, 2), (196, 64));
+        // Wide enough tiles, or too few channels: columns only.
+        assert_eq!(tiling(256, 784, 1, 64, 2), (196, 64));
+        assert_eq!(tiling(27, 49, 1, 24, 3).1, 24);
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(3).build().unwrap();
+        let (ci, co) = (3, 48);
+        let g = ConvGeom::square(ci, co, 3, 1, 1);
+        let x = randn(&[1, ci, 7, 7], 7);
+        let wt = randn(&[co, ci, 3, 3], 8);
+        let bias = randn(&[co], 9);
+        let (wv, bv) = (host_weights(&wt).unwrap(), bias.to_vec1::<f32>().unwrap());
+        let own = reference(&x, &wt, &g, None, Some(&bias), false);
+        let a = randn(own.dims(), 10);
+        let op = FusedConv {
+            geom: g,
+            weight: &wv,
+            pre: None,
+            epi: Epilogue { bias: Some(&bv), relu: true, accumulate: false },
+        };
+        let ys = pool
+            .install(|| conv2d_tensor_sum(&op, &x, Sum { adds: &[&a], keep_own: true }))
+            .unwrap()
+            .unwrap();
+        assert!(max_diff(&ys[0], &own) < 1e-4, "own output");
+        assert!(max_diff(&ys[1], &(&own + &a).unwrap().relu().unwrap()) < 1e-4, "sum");
     }
 
     #[test]
