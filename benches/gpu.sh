@@ -11,7 +11,10 @@
 #                                prints every result and keeps them in DIR/results.txt.
 #   benches/gpu.sh bisect [DIR]  on the GPU machine: the student bench at one shape (default
 #                                224x128) with each set of our CUDA kernel families on and off,
-#                                launches synchronous, to find what a fault depends on.
+#                                launches synchronous, to find what a fault depends on; then one
+#                                step under compute-sanitizer's memcheck (the machine's own, or
+#                                the one `build` packs from PyPI), which names the kernel and
+#                                address of an out-of-bounds access.
 #
 # CUDA_COMPUTE_CAP (default 90, Hopper) picks the GPU generation the kernels are compiled for;
 # FEATURES (default distillery-models/cudnn; distillery-models/cuda without cuDNN) the backend.
@@ -65,6 +68,18 @@ case "$mode" in
       gzip -9 "$dir/bin/$b"
     done
     rm -f "$log"
+    # compute-sanitizer for `bisect`, for GPU machines whose CUDA install lacks it (SANITIZER=0
+    # skips it; about 14 MB packed).
+    if [ "${SANITIZER:-1}" != 0 ]; then
+      wheels="$(mktemp -d)"
+      if python3 -m pip download -q --no-deps --only-binary=:all: -d "$wheels" 'nvidia-cuda-sanitizer-api==13.0.*' >&2 \
+        && unzip -q "$wheels"/*.whl 'nvidia/cu13/bin/*' 'nvidia/cu13/lib/*' -d "$wheels/x"; then
+        tar czf "$dir/sanitizer.tar.gz" -C "$wheels/x/nvidia/cu13" bin lib
+      else
+        echo "compute-sanitizer not packed (no PyPI?); bisect uses the GPU machine's own if it has one" >&2
+      fi
+      rm -rf "$wheels"
+    fi
     reference="${DISTILLERY_REFERENCE:-../shared/reference}"
     cp "$reference/teachers/faceapi_expression.onnx" "$dir/reference/teachers/"
     git rev-parse HEAD >"$dir/commit"
@@ -118,6 +133,23 @@ case "$mode" in
       DISTILLERY_CUDA_KERNELS="$k" timeout "$limit" "$dir/bin/student_train" 2>&1 \
         | grep -vE '^ +[0-9]+: <unknown>$' || echo "FAILED with DISTILLERY_CUDA_KERNELS=$k"
     done
+    # One step with every kernel under memcheck (SANITIZE=0 skips it): slow, so last.
+    san="$(command -v compute-sanitizer || find /usr/local /opt -name compute-sanitizer -type f -perm -u+x -print -quit 2>/dev/null || true)"
+    if [ -z "$san" ] && [ -f "$dir/sanitizer.tar.gz" ]; then
+      mkdir -p "$dir/sanitizer"
+      tar xzf "$dir/sanitizer.tar.gz" -C "$dir/sanitizer"
+      san="$dir/sanitizer/bin/compute-sanitizer"
+    fi
+    if [ "${SANITIZE:-1}" = 0 ]; then
+      :
+    elif [ -z "$san" ]; then
+      echo "## no compute-sanitizer on this machine or in $dir"
+    else
+      echo "## compute-sanitizer memcheck, all kernels, one step ($san)"
+      STUDENT_BENCH_STEPS=1 timeout "${SANITIZE_TIMEOUT:-300}" "$san" --tool memcheck --print-limit 10 \
+        --error-exitcode 3 "$dir/bin/student_train" 2>&1 | grep -vE '^ +[0-9]+: <unknown>$' \
+        || echo "FAILED under memcheck"
+    fi
     ;;
   *)
     sed -n '2,22p' "$0"
