@@ -178,7 +178,7 @@ impl OnnxGraph {
             let producer = &mut self.steps[p];
             match &mut producer.op {
                 Op::Conv(_, extras) => extras.relu = true,
-                op => *op = Op::AddRelu,
+                op => *op = Op::AddN { relu: true },
             }
             producer.op_type.push_str("+Relu");
             producer.outputs = outputs;
@@ -238,7 +238,6 @@ impl OnnxGraph {
         for i in 0..self.steps.len() {
             let relu = match self.steps[i].op {
                 Op::Binary(BinOp::Add) => false,
-                Op::AddRelu => true,
                 Op::AddN { relu } => relu,
                 _ => continue,
             };
@@ -309,7 +308,6 @@ impl OnnxGraph {
         for i in 0..self.steps.len() {
             let relu = match self.steps[i].op {
                 Op::Binary(BinOp::Add) => false,
-                Op::AddRelu => true,
                 Op::AddN { relu } => relu,
                 _ => continue,
             };

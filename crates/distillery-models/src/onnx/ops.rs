@@ -84,10 +84,9 @@ pub(crate) enum Op {
         axis: i64,
     },
     Binary(BinOp),
-    /// `relu(a + b)`: an `Add` whose only use was a `Relu`, fused when the graph is planned.
-    AddRelu,
-    /// The sum of all inputs (then a ReLU when `relu`): a chain of `Add`s whose intermediate sums
-    /// nothing else reads, fused when the graph is planned into one pass over the operands.
+    /// The sum of all inputs (then a ReLU when `relu`), planned from an `Add` whose only use was a
+    /// `Relu`, or from a chain of `Add`s whose intermediate sums nothing else reads: one pass over
+    /// the operands.
     AddN {
         relu: bool,
     },
@@ -420,13 +419,6 @@ impl Op {
                         }
                         if *relu { acc.relu()? } else { acc }
                     }
-                }
-            }
-            Op::AddRelu => {
-                let (x, y) = (req(0)?, req(1)?);
-                match kernels::cpu_zip(x, y, |a, b| (a + b).max(0.0)) {
-                    Some(z) => z?,
-                    None => x.broadcast_add(y)?.relu()?,
                 }
             }
             Op::Softmax { axis, coerce_2d } => {
