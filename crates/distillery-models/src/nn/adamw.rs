@@ -91,7 +91,33 @@ fn range(l: &Layout, op: &str, what: &str) -> Result<(usize, usize)> {
     l.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg(format!("{op}: {what} must be contiguous")))
 }
 
-impl Moments {
+/// One of the two in-place updates, run on the CPU for f32 or f64 alike ([`cpu_update`]).
+trait Update {
+    /// What the updated and the read tensor are, for errors.
+    const OPERANDS: [&'static str; 2];
+    fn run<T: WithDType + num_like::Float>(&self, updated: &mut [T], read: &[T]);
+}
+
+/// `u` on contiguous CPU storages of one float dtype, `op` naming it in errors.
+fn cpu_update<U: Update>(
+    u: &U,
+    op: &str,
+    (s1, l1): (&mut CpuStorage, &Layout),
+    (s2, l2): (&CpuStorage, &Layout),
+) -> Result<()> {
+    let [first, second] = U::OPERANDS;
+    let ((a, b), (c, d)) = (range(l1, op, first)?, range(l2, op, second)?);
+    match (s1, s2) {
+        (CpuStorage::F32(x), CpuStorage::F32(y)) => u.run(&mut x[a..b], &y[c..d]),
+        (CpuStorage::F64(x), CpuStorage::F64(y)) => u.run(&mut x[a..b], &y[c..d]),
+        _ => bail!("{op}: {first} and {second} must both be f32 or f64"),
+    }
+    Ok(())
+}
+
+impl Update for Moments {
+    const OPERANDS: [&'static str; 2] = ["moments", "gradient"];
+
     fn run<T: WithDType + num_like::Float>(&self, mv: &mut [T], g: &[T]) {
         let n = g.len();
         let (b1, b2) = (T::from_f64(self.beta1), T::from_f64(self.beta2));
@@ -108,7 +134,9 @@ impl Moments {
     }
 }
 
-impl Param {
+impl Update for Param {
+    const OPERANDS: [&'static str; 2] = ["parameter", "moments"];
+
     fn run<T: WithDType + num_like::Float>(&self, p: &mut [T], mv: &[T]) {
         let n = p.len();
         let (m, v) = mv.split_at(n);
@@ -144,13 +172,7 @@ impl InplaceOp2 for Moments {
     }
 
     fn cpu_fwd(&self, s1: &mut CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<()> {
-        let ((a, b), (c, d)) = (range(l1, self.name(), "moments")?, range(l2, self.name(), "gradient")?);
-        match (s1, s2) {
-            (CpuStorage::F32(mv), CpuStorage::F32(g)) => self.run(&mut mv[a..b], &g[c..d]),
-            (CpuStorage::F64(mv), CpuStorage::F64(g)) => self.run(&mut mv[a..b], &g[c..d]),
-            _ => bail!("{}: moments and gradient must both be f32 or f64", self.name()),
-        }
-        Ok(())
+        cpu_update(self, self.name(), (s1, l1), (s2, l2))
     }
 
     #[cfg(feature = "cuda")]
@@ -171,13 +193,7 @@ impl InplaceOp2 for Param {
     }
 
     fn cpu_fwd(&self, s1: &mut CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<()> {
-        let ((a, b), (c, d)) = (range(l1, self.name(), "parameter")?, range(l2, self.name(), "moments")?);
-        match (s1, s2) {
-            (CpuStorage::F32(p), CpuStorage::F32(mv)) => self.run(&mut p[a..b], &mv[c..d]),
-            (CpuStorage::F64(p), CpuStorage::F64(mv)) => self.run(&mut p[a..b], &mv[c..d]),
-            _ => bail!("{}: parameter and moments must both be f32 or f64", self.name()),
-        }
-        Ok(())
+        cpu_update(self, self.name(), (s1, l1), (s2, l2))
     }
 
     #[cfg(feature = "cuda")]
