@@ -402,17 +402,8 @@ fn finish_sum(y: Tensor, adds: &[&Tensor], extras: &ConvExtras) -> Result<Vec<Te
         return Ok(vec![y]);
     }
     let operands: Vec<&Tensor> = std::iter::once(&y).chain(adds.iter().copied()).collect();
-    let sum = match cpu_sum(&operands, extras.relu) {
-        Some(sum) => sum?,
-        None => {
-            let mut sum = y.clone();
-            for a in adds {
-                sum = sum.broadcast_add(a)?;
-            }
-            if extras.relu { sum.relu()? } else { sum }
-        }
-    };
-    Ok(if extras.keep_own { vec![y, sum] } else { vec![sum] })
+    let total = sum(&operands, extras.relu)?;
+    Ok(if extras.keep_own { vec![y, total] } else { vec![total] })
 }
 
 /// A dense (one group, no dilation) convolution of a CPU f32 input through [`fastconv`], with
@@ -626,10 +617,24 @@ pub(crate) fn cpu_zip(x: &Tensor, y: &Tensor, f: impl Fn(f32, f32) -> f32 + Sync
     Some(Tensor::from_vec(v, x.shape(), x.device()))
 }
 
+/// `Σ xs` (then a ReLU when `relu`), broadcasting: [`cpu_sum`] where it applies, else candle's
+/// additions one after the other. `xs` holds at least one tensor.
+pub(crate) fn sum(xs: &[&Tensor], relu: bool) -> Result<Tensor> {
+    if let Some(s) = cpu_sum(xs, relu) {
+        return s;
+    }
+    let Some((first, rest)) = xs.split_first() else { bail!("a sum of no tensors") };
+    let mut acc = (*first).clone();
+    for x in rest {
+        acc = acc.broadcast_add(x)?;
+    }
+    if relu { acc.relu() } else { Ok(acc) }
+}
+
 /// `Σ xs` (then a ReLU when `relu`) for contiguous CPU f32 tensors of one shape, in one pass:
 /// each chunk of the output is summed in a buffer that stays in cache while every operand's chunk
 /// is added, then written once. `None` for other tensors (broadcasting goes through candle).
-pub(crate) fn cpu_sum(xs: &[&Tensor], relu: bool) -> Option<Result<Tensor>> {
+fn cpu_sum(xs: &[&Tensor], relu: bool) -> Option<Result<Tensor>> {
     let first = xs.first()?;
     if xs.iter().any(|t| t.dims() != first.dims()) {
         return None;

@@ -410,16 +410,7 @@ impl Op {
                 if xs.len() < 2 {
                     bail!("a fused sum of {} inputs", xs.len());
                 }
-                match kernels::cpu_sum(&xs, *relu) {
-                    Some(z) => z?,
-                    None => {
-                        let mut acc = xs[0].broadcast_add(xs[1])?;
-                        for x in &xs[2..] {
-                            acc = acc.broadcast_add(x)?;
-                        }
-                        if *relu { acc.relu()? } else { acc }
-                    }
-                }
+                kernels::sum(&xs, *relu)?
             }
             Op::Softmax { axis, coerce_2d } => {
                 let x = req(0)?;
