@@ -152,7 +152,8 @@ case "$mode" in
     fi
     ;;
   *)
-    sed -n '2,22p' "$0"
+    # The comment block at the top, however long it grows.
+    awk 'NR > 1 && /^#/ { print; next } NR > 1 { exit }' "$0"
     exit 2
     ;;
 esac
