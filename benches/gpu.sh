@@ -21,8 +21,9 @@
 # Sizes: EMONET_BENCH_BATCHES, STUDENT_BENCH_SHAPES, EMONET_BENCH_ITERS, STUDENT_BENCH_STEPS
 # (defaults below, larger than the CPU benches': a GPU only fills up at larger batches);
 # BENCH_TIMEOUT (default 180 s) bounds each program. For a short run: EXTRAS=0 skips the TF32
-# and bf16 passes, PYTORCH=0 the PyTorch reference, RUN="student_train onnx_faceapi" runs only
-# those benches.
+# and bf16 passes, BASELINE=0 the teachers' second pass without the `epilogue` and `conv-algo`
+# families, PYTORCH=0 the PyTorch reference, RUN="student_train onnx_faceapi" runs only those
+# benches.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mode="${1:-}"
@@ -102,6 +103,16 @@ case "$mode" in
       echo "## $b" | tee -a "$results"
       timeout "$limit" "$dir/bin/$b" 2>&1 | tee -a "$results" || { echo "FAILED: $b" | tee -a "$results"; status=1; }
     done
+    # The teachers again without the one-pass epilogue and the cached cuDNN algorithms, for their
+    # gain in the same run.
+    if [ "${BASELINE:-1}" != 0 ]; then
+      echo "## emonet, onnx_faceapi with DISTILLERY_CUDA_KERNELS=depthwise,batchnorm,adamw" | tee -a "$results"
+      for b in emonet onnx_faceapi; do
+        case " ${chosen[*]} " in *" $b "*) ;; *) continue ;; esac
+        DISTILLERY_CUDA_KERNELS=depthwise,batchnorm,adamw timeout "$limit" "$dir/bin/$b" 2>&1 | tee -a "$results" \
+          || { echo "FAILED: $b (baseline)" | tee -a "$results"; status=1; }
+      done
+    fi
     # TF32 tensor cores for f32 matrix products (PyTorch's default for cuDNN convolutions).
     if [ "${EXTRAS:-1}" != 0 ]; then
       echo "## emonet, student_train with DISTILLERY_TF32=1" | tee -a "$results"

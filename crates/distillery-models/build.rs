@@ -6,7 +6,7 @@
 use std::path::PathBuf;
 use std::process::Command;
 
-const KERNELS: &[&str] = &["adamw", "batchnorm", "depthwise"];
+const KERNELS: &[&str] = &["adamw", "batchnorm", "depthwise", "epilogue"];
 
 fn main() {
     println!("cargo::rerun-if-changed=build.rs");

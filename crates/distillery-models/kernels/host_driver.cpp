@@ -5,6 +5,7 @@
 //   host_driver DIR dw N C H W STRIDE PAD HO WO PARTS      x, k, gy → y, gx, gk
 //   host_driver DIR bn N C HW RELU6 PARTS EPS              x, gamma, beta, g → y, stats, red, dx
 //   host_driver DIR adamw N LR B1 B2 EPS BC1 BC2 DECAY     p, mv, g → p, mv
+//   host_driver DIR ep N C HW FLAGS ADDS                   x, [scale], [shift], [a0..] → y
 //
 // Arrays are raw little-endian f32 files DIR/NAME.bin (f64 for stats and red).
 #include "host.h"
@@ -19,6 +20,8 @@
 #undef INSTANTIATE
 #undef BLOCK
 #include "depthwise.cu"
+#undef INSTANTIATE
+#include "epilogue.cu"
 
 static std::string dir;
 
@@ -108,6 +111,20 @@ int main(int argc, char **argv) {
         launch(SMALL_GRID, SMALL_BLOCK, [&] { adamw_param_f32(p.data(), mv.data(), n, lr, eps, bc1, bc2, decay); });
         save("p", p);
         save("mv", mv);
+    } else if (op == "ep" && argc == 8) {
+        long long n = I(3), c = I(4), hw = I(5), total = n * c * hw;
+        int flags = I(6), adds = I(7);
+        auto x = load<float>("x", total);
+        // What does not apply is a copy of x, never read (nn::cuda passes x itself).
+        auto maybe = [&](bool on, const char *name, size_t len) { return on ? load<float>(name, len) : x; };
+        auto scale = maybe(flags & EPI_SCALE, "scale", c), shift = maybe(flags & EPI_SHIFT, "shift", c);
+        auto a0 = maybe(adds > 0, "a0", total), a1 = maybe(adds > 1, "a1", total), a2 = maybe(adds > 2, "a2", total);
+        std::vector<float> y(total);
+        launch(SMALL_GRID, SMALL_BLOCK, [&] {
+            channel_epilogue_f32(x.data(), scale.data(), shift.data(), a0.data(), a1.data(), a2.data(), y.data(),
+                                 total, (int)c, hw, flags, adds);
+        });
+        save("y", y);
     } else {
         std::fprintf(stderr, "host_driver: unknown command or wrong argument count: %s (%d arguments)\n", op.c_str(),
                      argc);

@@ -1,8 +1,9 @@
 //! The CUDA kernels (`kernels/*.cu`) compiled for the host with `kernels/host.h` and run under
 //! AddressSanitizer, against the CPU ops they mirror: depthwise convolution (forward and both
 //! gradients), training batch norm with and without the fused ReLU6 (output, statistics, all
-//! gradients) and the AdamW update. This checks the kernels' indexing, reductions and launch
-//! shapes on machines without a GPU; a GPU run (`benches/gpu.sh`) checks the device itself.
+//! gradients), the AdamW update, and the one-pass epilogue (scale, shift, sums, ReLU). This checks
+//! the kernels' indexing, reductions and launch shapes on machines without a GPU; a GPU run
+//! (`benches/gpu.sh`) checks the device itself.
 //!
 //! Needs a C++20 compiler with AddressSanitizer (`$CXX`, else `c++`).
 
@@ -201,5 +202,56 @@ fn adamw_kernels_match_the_cpu_op() -> Result<()> {
     run(dir.path(), &args);
     assert_close("adamw: parameter", &read_f32(dir.path(), "p"), &p_cpu, 1e-6);
     assert_close("adamw: moments", &read_f32(dir.path(), "mv"), &mv_cpu, 1e-6);
+    Ok(())
+}
+
+#[test]
+fn epilogue_kernel_matches_candle_ops() -> Result<()> {
+    let dev = Device::Cpu;
+    // (n, c, hw, scale, shift, adds, relu): an inference batch norm with and without its ReLU, a
+    // bias, sums of one to three operands with or without a bias, and a plain ReLU.
+    let cases = [
+        (2, 3, 10, true, true, 0, true),
+        (1, 4, 7, true, true, 0, false),
+        (3, 2, 5, false, true, 0, false),
+        (2, 5, 6, false, true, 2, true),
+        (1, 3, 9, false, false, 1, false),
+        (2, 2, 4, false, false, 3, true),
+        (3, 1, 8, true, false, 1, true),
+        (1, 6, 3, false, false, 0, true),
+    ];
+    for (n, c, hw, scale, shift, adds, relu) in cases {
+        let dir = tempfile::tempdir().map_err(candle_core::Error::wrap)?;
+        let x = Tensor::randn(0f32, 1., (n, c, hw), &dev)?;
+        write(dir.path(), "x", &x)?;
+        let mut want = x.clone();
+        if scale {
+            let s = Tensor::randn(0f32, 1., c, &dev)?;
+            write(dir.path(), "scale", &s)?;
+            want = want.broadcast_mul(&s.reshape((1, c, 1))?)?;
+        }
+        if shift {
+            let b = Tensor::randn(0f32, 1., c, &dev)?;
+            write(dir.path(), "shift", &b)?;
+            want = want.broadcast_add(&b.reshape((1, c, 1))?)?;
+        }
+        for i in 0..adds {
+            let a = Tensor::randn(0f32, 1., (n, c, hw), &dev)?;
+            write(dir.path(), &format!("a{i}"), &a)?;
+            want = (want + a)?;
+        }
+        if relu {
+            want = want.relu()?;
+        }
+        let flags = u8::from(scale) | (u8::from(shift) << 1) | (u8::from(relu) << 2);
+        let args = ["ep".to_string(), n.to_string(), c.to_string(), hw.to_string()]
+            .into_iter()
+            .chain([flags.to_string(), adds.to_string()])
+            .collect::<Vec<_>>();
+        run(dir.path(), &args);
+        let what =
+            format!("epilogue {n}x{c}x{hw}, scale {scale}, shift {shift}, {adds} operands, relu {relu}");
+        assert_close(&what, &read_f32(dir.path(), "y"), &want, 1e-6);
+    }
     Ok(())
 }

@@ -3,13 +3,16 @@
 //!
 //! Every convolution and linear layer records its MACs through [`crate::cost::record`]. Pooling and
 //! upsampling use reshape-based forms that are exact for the even sizes EmoNet produces (candle's
-//! generic pooling kernels have edge cases we avoid on principle).
+//! generic pooling kernels have edge cases we avoid on principle), except max pooling on GPUs
+//! (see [`max_pool2`]). On a GPU, each batch norm (with its ReLU) and each bias is one pass of
+//! [`nn::channel_epilogue`].
 
 use candle_core::{D, DType, Result, Tensor, bail};
 use rayon::prelude::*;
 
 use super::weights::Params;
 use crate::cost;
+use crate::nn;
 use crate::nn::fastconv::{self, Channels, ConvGeom, Epilogue, Extent, FusedConv, PreAct};
 
 /// PyTorch's default `BatchNorm` epsilon, used by every normalisation layer of EmoNet.
@@ -99,10 +102,12 @@ impl Conv {
             }
             ConvWeights::Device(t) => t.clone(),
         };
-        let y = x.conv2d(&weight, g.pad_h, g.stride_h, 1, 1)?;
-        match &self.bias {
-            Some(b) => y.broadcast_add(&b.to_dtype(y.dtype())?.reshape((1, g.c_out, 1, 1))?),
-            None => Ok(y),
+        let y = nn::candle_conv2d(x, &weight, g.pad_h, g.stride_h, 1, 1)?;
+        let Some(b) = &self.bias else { return Ok(y) };
+        let b = b.to_dtype(y.dtype())?.reshape((1, g.c_out, 1, 1))?;
+        match nn::channel_epilogue(&y, None, Some(&b), &[], false)? {
+            Some(y) => Ok(y),
+            None => y.broadcast_add(&b),
         }
     }
 }
@@ -147,6 +152,9 @@ impl BatchNorm {
 
     /// Normalises `[n, c, h, w]` or `[n, c]`.
     pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if let Some(y) = nn::channel_epilogue(x, Some(&self.scale), Some(&self.shift), &[], false)? {
+            return Ok(y);
+        }
         if x.rank() == 2 {
             let c = self.scale.dim(1)?;
             let scale = self.scale.reshape((1, c))?;
@@ -159,7 +167,10 @@ impl BatchNorm {
 
     /// `relu(bn(x))`, the pre-activation used throughout EmoNet.
     pub(crate) fn forward_relu(&self, x: &Tensor) -> Result<Tensor> {
-        self.forward(x)?.relu()
+        match nn::channel_epilogue(x, Some(&self.scale), Some(&self.shift), &[], true)? {
+            Some(y) => Ok(y),
+            None => self.forward(x)?.relu(),
+        }
     }
 }
 
@@ -338,12 +349,21 @@ impl HourGlass {
 }
 
 /// 2×2 max pooling with stride 2 on `[n, c, h, w]` with even `h` and `w`.
+///
+/// Two reductions over axes of two on the CPU (and wherever a gradient is tracked: candle's
+/// pooling backward is wrong); candle's pooling kernel elsewhere. Its forward pass is exact for
+/// even sizes, and on CUDA candle reduces with one block per output, so the reductions would
+/// launch a block for every two values.
 pub(crate) fn max_pool2(x: &Tensor) -> Result<Tensor> {
     let (n, c, h, w) = x.dims4()?;
     if h % 2 != 0 || w % 2 != 0 {
         candle_core::bail!("emonet max_pool2: spatial size {h}×{w} is not even");
     }
-    x.reshape((n, c, h / 2, 2, w / 2, 2))?.max(5)?.max(3)
+    if x.device().is_cpu() || x.track_op() {
+        x.reshape((n, c, h / 2, 2, w / 2, 2))?.max(5)?.max(3)
+    } else {
+        x.max_pool2d(2)
+    }
 }
 
 /// Nearest-neighbour ×2 upsampling of `[n, c, h, w]`.
@@ -386,5 +406,24 @@ mod tests {
         assert_eq!(a, vec![vec![7.5, 23.5]]);
         assert!(global_avg_pool(&x.narrow(3, 0, 2).unwrap(), 4).is_err());
         assert!(max_pool2(&x.narrow(3, 0, 3).unwrap()).is_err());
+    }
+
+    /// The two forms `max_pool2` chooses between agree exactly on even sizes, for contiguous and
+    /// strided inputs (candle's pooling kernels are the same loops on every device).
+    #[test]
+    fn candle_max_pooling_matches_the_reductions_on_even_sizes() -> Result<()> {
+        let dev = Device::Cpu;
+        for (n, c, h, w) in [(2, 3, 8, 6), (1, 5, 2, 2), (3, 2, 16, 4)] {
+            let x = Tensor::randn(0f32, 1., (n, c + 1, w, h), &dev)?.narrow(1, 1, c)?.transpose(2, 3)?;
+            assert!(!x.is_contiguous());
+            for x in [x.clone(), x.contiguous()?] {
+                let reduced = x.reshape((n, c, h / 2, 2, w / 2, 2))?.max(5)?.max(3)?;
+                let pooled = x.max_pool2d(2)?;
+                assert_eq!(pooled.dims(), reduced.dims());
+                let diff = (pooled - &reduced)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+                assert_eq!(diff, 0.0, "{n}x{c}x{h}x{w}");
+            }
+        }
+        Ok(())
     }
 }

@@ -7,9 +7,15 @@
 //! - The AdamW update, two in-place kernels per parameter (`kernels/adamw.cu`, [`super::adamw`]).
 //! - Training-mode batch norm with its fused ReLU6: statistics, output, and the backward pass
 //!   (`kernels/batchnorm.cu`, [`super::batchnorm`]); statistics stay on the device.
+//! - The epilogue of an inference step in one pass: a per-channel scale and shift (an inference
+//!   batch norm, a bias), up to three added tensors and a ReLU (`kernels/epilogue.cu`,
+//!   [`super::channel_epilogue`]), for the teachers.
+//! - With `cudnn`, not a kernel: cuDNN's forward algorithm for candle's convolution chosen once
+//!   per shape ([`conv2d_cudnn`], family `conv-algo`).
 //!
 //! `DISTILLERY_CUDA_KERNELS=0` turns them off (the portable compositions run instead) and a list
-//! (`depthwise,batchnorm,adamw`) keeps only the families named, to compare or bisect on a GPU.
+//! (`depthwise,batchnorm,adamw,epilogue,conv-algo`) keeps only the families named, to compare or
+//! bisect on a GPU.
 //! A failed launch names its kernel.
 
 use std::sync::OnceLock;
@@ -24,11 +30,17 @@ use super::Kernels;
 const DEPTHWISE_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/depthwise.ptx"));
 const ADAMW_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/adamw.ptx"));
 const BATCHNORM_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/batchnorm.ptx"));
+const EPILOGUE_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/epilogue.ptx"));
 const BLOCK: u32 = 256;
 
 /// Every family with its name in `DISTILLERY_CUDA_KERNELS`.
-const FAMILIES: [(Kernels, &str); 3] =
-    [(Kernels::Depthwise, "depthwise"), (Kernels::BatchNorm, "batchnorm"), (Kernels::AdamW, "adamw")];
+const FAMILIES: [(Kernels, &str); 5] = [
+    (Kernels::Depthwise, "depthwise"),
+    (Kernels::BatchNorm, "batchnorm"),
+    (Kernels::AdamW, "adamw"),
+    (Kernels::Epilogue, "epilogue"),
+    (Kernels::ConvAlgo, "conv-algo"),
+];
 
 /// Whether `t` is on a CUDA device and `family`'s kernels serve it (f32 or f64, not turned off:
 /// `DISTILLERY_CUDA_KERNELS` unset or `1` enables all, `0` none, a list such as
@@ -533,4 +545,184 @@ pub(crate) fn bn_grad_input(
         DType::F64 => go::<f64>(x, g, y, gamma, stats, red, d, relu6),
         _ => go::<f32>(x, g, y, gamma, stats, red, d, relu6),
     }
+}
+
+/// `relu?(x·scale[ch] + shift[ch] + Σ adds)` in one kernel for `x [n, c, …]` (channels on axis 1),
+/// `scale` and `shift` holding `c` values and each of the (at most three) `adds` `x`'s shape, all
+/// contiguous and of one dtype, as [`super::channel_epilogue`] checks.
+pub(crate) fn channel_epilogue(
+    x: &Tensor,
+    scale: Option<&Tensor>,
+    shift: Option<&Tensor>,
+    adds: &[&Tensor],
+    relu: bool,
+) -> Result<Tensor> {
+    const OP: &str = "channel_epilogue";
+    type In<'a> = (&'a CudaStorage, &'a Layout);
+    fn go<T: CudaDType + DeviceRepr>(ins: &[In; 6], ints: (i64, i32, i64, i32, i32)) -> Result<CudaStorage> {
+        let dev = ins[0].0.device();
+        let sfx = suffix(ins[0].0.dtype(), OP)?;
+        let func =
+            dev.get_or_load_custom_func(&format!("{OP}_{sfx}"), "distillery_epilogue", EPILOGUE_PTX)?;
+        let names = ["input", "scale", "shift", "first operand", "second operand", "third operand"];
+        let mut v = Vec::with_capacity(6);
+        for ((s, l), what) in ins.iter().zip(names) {
+            v.push(view::<T>(s, l, OP, what)?);
+        }
+        let (total, c, hw, flags, adds) = ints;
+        // SAFETY: the kernel writes each of the `total` outputs.
+        let y = unsafe { dev.alloc::<T>(total as usize)? };
+        let mut b = func.builder();
+        for t in &v {
+            b.arg(t);
+        }
+        b.arg(&y).arg(&total).arg(&c).arg(&hw).arg(&flags).arg(&adds);
+        // SAFETY: arguments match kernels/epilogue.cu; the caller checked that scale and shift hold
+        // `c` values and the operands `total`; the kernel reads neither what `flags` and `adds`
+        // leave out.
+        unsafe { b.launch(grid(total as usize)) }.map_err(|e| launch_error(OP, e))?;
+        Ok(CudaStorage::wrap_cuda_slice(y, dev.clone()))
+    }
+    let dims = x.dims();
+    if dims.len() < 2 || adds.len() > 3 {
+        bail!(
+            "{OP}: needs an input of rank 2 or more and at most three operands, got {dims:?} and {}",
+            adds.len()
+        );
+    }
+    let (c, total) = (dims[1], x.elem_count());
+    let hw = total / (dims[0] * c).max(1);
+    let c_i =
+        i32::try_from(c).map_err(|_| candle_core::Error::Msg(format!("{OP}: {c} channels too many")))?;
+    let flags = i32::from(scale.is_some()) | (i32::from(shift.is_some()) << 1) | (i32::from(relu) << 2);
+    let ints = (total as i64, c_i, hw as i64, flags, adds.len() as i32);
+    // Absent operands are passed as `x`, which the kernel does not read in their place.
+    let tensors = [x, scale.unwrap_or(x), shift.unwrap_or(x)]
+        .into_iter()
+        .chain((0..3).map(|i| adds.get(i).copied().unwrap_or(x)));
+    let held: Vec<_> = tensors.map(|t| t.storage_and_layout()).collect();
+    let mut ins = Vec::with_capacity(6);
+    for (s, l) in &held {
+        match &**s {
+            candle_core::Storage::Cuda(cs) => ins.push((cs, *l)),
+            _ => bail!("{OP}: every operand must be on the CUDA device"),
+        }
+    }
+    let ins: [In; 6] = ins.try_into().map_err(|_| candle_core::Error::Msg(format!("{OP}: six operands")))?;
+    let out = match x.dtype() {
+        DType::F64 => go::<f64>(&ins, ints)?,
+        _ => go::<f32>(&ins, ints)?,
+    };
+    drop(held);
+    Ok(Tensor::from_storage(
+        candle_core::Storage::Cuda(out),
+        x.shape().clone(),
+        candle_core::op::BackpropOp::none(),
+        false,
+    ))
+}
+
+/// candle's convolution through cuDNN (`groups` 1), with the forward algorithm chosen once per
+/// shape. candle asks cuDNN's heuristic (`cudnnGetConvolutionForwardAlgorithm_v7`) on every call,
+/// which costs more host time than the convolution's launch (up to about a millisecond for some
+/// shapes); the answer is kept here per device, dtype, input and weight shape, padding, stride and
+/// dilation, as PyTorch keeps its own. `None` where candle would not take cuDNN's path with an
+/// algorithm (dtypes other than f32 and f64, a strided weight): the caller convolves as before.
+#[cfg(feature = "cudnn")]
+pub(crate) fn conv2d_cudnn(
+    x: &Tensor,
+    w: &Tensor,
+    pad: usize,
+    stride: usize,
+    dilation: usize,
+) -> Result<Option<Tensor>> {
+    use std::cell::RefCell;
+    use std::collections::HashMap;
+    use std::sync::{Arc, Mutex};
+
+    use candle_core::conv::CudnnFwdAlgo;
+    use candle_core::cuda_backend::DeviceId;
+    use candle_core::cuda_backend::cudarc::cudnn::{ConvForward, Cudnn, CudnnDataType, sys};
+
+    type Key = (DeviceId, DType, [usize; 4], [usize; 4], [usize; 3]);
+    static ALGOS: OnceLock<Mutex<HashMap<Key, CudnnFwdAlgo>>> = OnceLock::new();
+    thread_local! {
+        // cuDNN handles are neither Send nor Sync: one per thread and device, as candle keeps its.
+        static HANDLES: RefCell<HashMap<DeviceId, Arc<Cudnn>>> = RefCell::new(HashMap::new());
+    }
+
+    fn pick<T: CudnnDataType>(cudnn: &Arc<Cudnn>, key: &Key) -> Result<CudnnFwdAlgo> {
+        use sys::cudnnConvolutionFwdAlgo_t as A;
+        let (_, _, [n, c, h, w], [co, ci, kh, kw], [pad, stride, dil]) = *key;
+        let int = |v: usize| {
+            i32::try_from(v).map_err(|_| candle_core::Error::Msg(format!("cudnn conv2d: size {v} too large")))
+        };
+        let (oh, ow) = (
+            (h + 2 * pad - dil * (kh - 1) - 1) / stride + 1,
+            (w + 2 * pad - dil * (kw - 1) - 1) / stride + 1,
+        );
+        let nchw = sys::cudnnTensorFormat_t::CUDNN_TENSOR_NCHW;
+        let conv = cudnn.create_conv2d::<T>(
+            [int(pad)?; 2],
+            [int(stride)?; 2],
+            [int(dil)?; 2],
+            sys::cudnnConvolutionMode_t::CUDNN_CROSS_CORRELATION,
+        )?;
+        let xd = cudnn.create_4d_tensor::<T>(nchw, [int(n)?, int(c)?, int(h)?, int(w)?])?;
+        let wd = cudnn.create_4d_filter::<T>(nchw, [int(co)?, int(ci)?, int(kh)?, int(kw)?])?;
+        let yd = cudnn.create_4d_tensor::<T>(nchw, [int(n)?, int(co)?, int(oh)?, int(ow)?])?;
+        let algo = ConvForward { conv: &conv, x: &xd, w: &wd, y: &yd }.pick_algorithm()?;
+        Ok(match algo {
+            A::CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_GEMM => CudnnFwdAlgo::ImplicitGemm,
+            A::CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_PRECOMP_GEMM => CudnnFwdAlgo::ImplicitPrecompGemm,
+            A::CUDNN_CONVOLUTION_FWD_ALGO_GEMM => CudnnFwdAlgo::Gemm,
+            A::CUDNN_CONVOLUTION_FWD_ALGO_DIRECT => CudnnFwdAlgo::Direct,
+            A::CUDNN_CONVOLUTION_FWD_ALGO_FFT => CudnnFwdAlgo::Fft,
+            A::CUDNN_CONVOLUTION_FWD_ALGO_FFT_TILING => CudnnFwdAlgo::FftTiling,
+            A::CUDNN_CONVOLUTION_FWD_ALGO_WINOGRAD => CudnnFwdAlgo::Winograd,
+            A::CUDNN_CONVOLUTION_FWD_ALGO_WINOGRAD_NONFUSED => CudnnFwdAlgo::WinogradNonFused,
+            A::CUDNN_CONVOLUTION_FWD_ALGO_COUNT => bail!("cudnn conv2d: the heuristic returned no algorithm"),
+        })
+    }
+
+    let candle_core::Device::Cuda(dev) = x.device() else { return Ok(None) };
+    if !matches!(x.dtype(), DType::F32 | DType::F64) || w.dtype() != x.dtype() || !w.is_contiguous() {
+        return Ok(None);
+    }
+    let ((n, c, h, wd), (co, ci, kh, kw)) = (x.dims4()?, w.dims4()?);
+    let reach = |k: usize| dilation * k.saturating_sub(1) + 1;
+    if stride == 0 || h + 2 * pad < reach(kh) || wd + 2 * pad < reach(kw) {
+        return Ok(None);
+    }
+    let x = x.contiguous()?;
+    let key: Key = (dev.id(), x.dtype(), [n, c, h, wd], [co, ci, kh, kw], [pad, stride, dilation]);
+    let algos = ALGOS.get_or_init(Default::default);
+    let known = algos
+        .lock()
+        .map_err(|_| candle_core::Error::Msg("cudnn algorithm cache poisoned".into()))?
+        .get(&key)
+        .copied();
+    let algo = match known {
+        Some(a) => a,
+        None => {
+            let cudnn = HANDLES.with(|handles| -> Result<Arc<Cudnn>> {
+                if let Some(c) = handles.borrow().get(&dev.id()) {
+                    return Ok(c.clone());
+                }
+                let c = Cudnn::new(dev.cuda_stream())?;
+                handles.borrow_mut().insert(dev.id(), c.clone());
+                Ok(c)
+            })?;
+            let a = match x.dtype() {
+                DType::F64 => pick::<f64>(&cudnn, &key)?,
+                _ => pick::<f32>(&cudnn, &key)?,
+            };
+            algos
+                .lock()
+                .map_err(|_| candle_core::Error::Msg("cudnn algorithm cache poisoned".into()))?
+                .insert(key, a);
+            a
+        }
+    };
+    x.conv2d_with_algo(w, pad, stride, dilation, 1, Some(algo)).map(Some)
 }

@@ -95,6 +95,9 @@ pub(crate) enum Kernels {
     Depthwise,
     BatchNorm,
     AdamW,
+    Epilogue,
+    /// cuDNN's convolution algorithm chosen once per shape (`cudnn` feature; not a kernel).
+    ConvAlgo,
 }
 
 /// Whether `t` is on a CUDA device whose layers take our CUDA kernels of `family` rather than
@@ -108,6 +111,66 @@ pub(crate) fn cuda_kernels(t: &Tensor, family: Kernels) -> bool {
     {
         let _ = (t, family);
         false
+    }
+}
+
+/// candle's convolution of `x` with `w` (inference), with cuDNN's forward algorithm chosen once
+/// per shape where the `cudnn` feature serves a dense convolution on a GPU (candle asks cuDNN's
+/// heuristic on every call: see `nn::cuda::conv2d_cudnn`).
+pub(crate) fn candle_conv2d(
+    x: &Tensor,
+    w: &Tensor,
+    pad: usize,
+    stride: usize,
+    dilation: usize,
+    groups: usize,
+) -> Result<Tensor> {
+    if groups == 1 && cuda_kernels(x, Kernels::ConvAlgo) {
+        #[cfg(feature = "cudnn")]
+        if let Some(y) = cuda::conv2d_cudnn(x, w, pad, stride, dilation)? {
+            return Ok(y);
+        }
+    }
+    x.conv2d(w, pad, stride, dilation, groups)
+}
+
+/// `relu?(x·scale[ch] + shift[ch] + Σ adds)` over `x [n, c, …]` (channels on axis 1) in one pass,
+/// where our CUDA kernel serves `x` (the `cuda` feature; inference: no operand tracks a gradient).
+/// `None` elsewhere, and where the operands do not fit the kernel (a scale or shift not of `c`
+/// values, an operand of another shape, dtype or device, more than three operands): the caller
+/// composes candle ops instead.
+pub(crate) fn channel_epilogue(
+    x: &Tensor,
+    scale: Option<&Tensor>,
+    shift: Option<&Tensor>,
+    adds: &[&Tensor],
+    relu: bool,
+) -> Result<Option<Tensor>> {
+    if !cuda_kernels(x, Kernels::Epilogue) || x.rank() < 2 || adds.len() > 3 {
+        return Ok(None);
+    }
+    if scale.is_none() && shift.is_none() && adds.is_empty() && !relu {
+        return Ok(Some(x.clone()));
+    }
+    let c = x.dim(1)?;
+    let same = |t: &Tensor| t.dtype() == x.dtype() && t.device().same_device(x.device()) && !t.track_op();
+    let per_channel = [scale, shift].into_iter().flatten().all(|t| same(t) && t.elem_count() == c);
+    if x.track_op() || !per_channel || !adds.iter().all(|a| same(a) && a.dims() == x.dims()) {
+        return Ok(None);
+    }
+    #[cfg(feature = "cuda")]
+    {
+        let x = x.contiguous()?;
+        let scale = scale.map(Tensor::contiguous).transpose()?;
+        let shift = shift.map(Tensor::contiguous).transpose()?;
+        let adds = adds.iter().map(|a| a.contiguous()).collect::<Result<Vec<_>>>()?;
+        let adds: Vec<&Tensor> = adds.iter().collect();
+        cuda::channel_epilogue(&x, scale.as_ref(), shift.as_ref(), &adds, relu).map(Some)
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = relu;
+        Ok(None)
     }
 }
 

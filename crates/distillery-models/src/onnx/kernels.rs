@@ -382,13 +382,27 @@ fn conv2d(
                     if pad > 0 { xp.pad_with_zeros(2, pad, pad)?.pad_with_zeros(3, pad, pad)? } else { xp };
                 crate::nn::depthwise::depthwise3x3_padded(&xp, w, ay.stride, (oh, ow))?
             } else {
-                xp.conv2d(w, pad, ay.stride, ay.dilation, c.group)?
+                nn::candle_conv2d(&xp, w, pad, ay.stride, ay.dilation, c.group)?
             };
-            let y = match b {
-                Some(b) => y.broadcast_add(&b.reshape((1, c_out, 1, 1))?)?,
-                None => y,
-            };
-            if relu_now { y.relu()? } else { y }
+            let bias = b.map(|b| b.reshape((1, c_out, 1, 1))).transpose()?;
+            // On a GPU: the bias, the sum and the ReLU in one pass.
+            if !adds.is_empty()
+                && !extras.keep_own
+                && let Some(total) = nn::channel_epilogue(&y, None, bias.as_ref(), adds, relu)?
+            {
+                cost::record(cost::conv2d_macs(total.dims(), c_in_g, kh, kw));
+                return Ok(vec![total]);
+            }
+            match nn::channel_epilogue(&y, None, bias.as_ref(), &[], relu_now)? {
+                Some(y) => y,
+                None => {
+                    let y = match &bias {
+                        Some(b) => y.broadcast_add(b)?,
+                        None => y,
+                    };
+                    if relu_now { y.relu()? } else { y }
+                }
+            }
         }
     };
     cost::record(cost::conv2d_macs(y.dims(), c_in_g, kh, kw));
@@ -617,13 +631,19 @@ pub(crate) fn cpu_zip(x: &Tensor, y: &Tensor, f: impl Fn(f32, f32) -> f32 + Sync
     Some(Tensor::from_vec(v, x.shape(), x.device()))
 }
 
-/// `Σ xs` (then a ReLU when `relu`), broadcasting: [`cpu_sum`] where it applies, else candle's
-/// additions one after the other. `xs` holds at least one tensor.
+/// `Σ xs` (then a ReLU when `relu`), broadcasting: [`cpu_sum`] where it applies, one pass of
+/// [`nn::channel_epilogue`] on a GPU, else candle's additions one after the other. `xs` holds at
+/// least one tensor.
 pub(crate) fn sum(xs: &[&Tensor], relu: bool) -> Result<Tensor> {
     if let Some(s) = cpu_sum(xs, relu) {
         return s;
     }
     let Some((first, rest)) = xs.split_first() else { bail!("a sum of no tensors") };
+    if !rest.is_empty()
+        && let Some(s) = nn::channel_epilogue(first, None, None, rest, relu)?
+    {
+        return Ok(s);
+    }
     let mut acc = (*first).clone();
     for x in rest {
         acc = acc.broadcast_add(x)?;
