@@ -152,9 +152,14 @@ impl BatchNorm {
 
     /// Normalises `[n, c, h, w]` or `[n, c]`.
     pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        if let Some(y) = nn::channel_epilogue(x, Some(&self.scale), Some(&self.shift), &[], false)? {
-            return Ok(y);
+        match nn::channel_epilogue(x, Some(&self.scale), Some(&self.shift), &[], false)? {
+            Some(y) => Ok(y),
+            None => self.forward_broadcast(x),
         }
+    }
+
+    /// `forward` as candle's broadcasting multiply and add (where the epilogue kernel does not run).
+    fn forward_broadcast(&self, x: &Tensor) -> Result<Tensor> {
         if x.rank() == 2 {
             let c = self.scale.dim(1)?;
             let scale = self.scale.reshape((1, c))?;
@@ -169,7 +174,7 @@ impl BatchNorm {
     pub(crate) fn forward_relu(&self, x: &Tensor) -> Result<Tensor> {
         match nn::channel_epilogue(x, Some(&self.scale), Some(&self.shift), &[], true)? {
             Some(y) => Ok(y),
-            None => self.forward(x)?.relu(),
+            None => self.forward_broadcast(x)?.relu(),
         }
     }
 }

@@ -696,12 +696,13 @@ pub(crate) fn conv2d_cudnn(
     }
     let x = x.contiguous()?;
     let key: Key = (dev.id(), x.dtype(), [n, c, h, wd], [co, ci, kh, kw], [pad, stride, dilation]);
-    let algos = ALGOS.get_or_init(Default::default);
-    let known = algos
-        .lock()
-        .map_err(|_| candle_core::Error::Msg("cudnn algorithm cache poisoned".into()))?
-        .get(&key)
-        .copied();
+    let algos = || {
+        ALGOS
+            .get_or_init(Default::default)
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("cudnn algorithm cache poisoned".into()))
+    };
+    let known = algos()?.get(&key).copied();
     let algo = match known {
         Some(a) => a,
         None => {
@@ -717,10 +718,7 @@ pub(crate) fn conv2d_cudnn(
                 DType::F64 => pick::<f64>(&cudnn, &key)?,
                 _ => pick::<f32>(&cudnn, &key)?,
             };
-            algos
-                .lock()
-                .map_err(|_| candle_core::Error::Msg("cudnn algorithm cache poisoned".into()))?
-                .insert(key, a);
+            algos()?.insert(key, a);
             a
         }
     };
