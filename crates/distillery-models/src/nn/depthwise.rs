@@ -167,6 +167,112 @@ fn bwd_weight_plane<T: WithDType>(x: &[T], gy: &[T], gk: &mut [T; 9], h: usize, 
     }
 }
 
+/// Partial sums per tap in [`SameWeightGrad`]: output `j` of a plane goes to sum `j mod 16`, one
+/// AVX-512 register (two AVX2 ones, four SSE ones), so every width adds the same values in the
+/// same order.
+const WG_LANES: usize = 16;
+
+/// The stride-1 weight gradient of one channel's `h×w` planes as flat runs, like the forward pass
+/// of [`super::fastconv`]: output `j` of a plane reads inputs `j + (ky − 1)·w + kx − 1`, so tap
+/// `(ky, kx)` gathers `Σ_j g[j]·x[j + (ky − 1)·w + kx − 1]` over the outputs whose neighbour is in
+/// their own row. Each plane's input is copied between zero rows, and the left and right taps take
+/// the gradient times 0/1 masks. Whatever the row width, outputs go sixteen at a time (rows 7 or
+/// 14 wide no longer make nine short dot products per row).
+struct SameWeightGrad {
+    w: usize,
+    /// 0 where an output's left (right) neighbour is in another row, else 1.
+    left: Vec<f32>,
+    right: Vec<f32>,
+    /// A plane's inputs at `w + 1..`, zeros before and after.
+    xp: Vec<f32>,
+}
+
+impl SameWeightGrad {
+    fn new(h: usize, w: usize) -> Self {
+        let (mut left, mut right) = (Vec::with_capacity(h * w), Vec::with_capacity(h * w));
+        for _ in 0..h {
+            for col in 0..w {
+                left.push(if col == 0 { 0.0 } else { 1.0 });
+                right.push(if col + 1 == w { 0.0 } else { 1.0 });
+            }
+        }
+        Self { w, left, right, xp: vec![0f32; h * w + 2 * w + 2] }
+    }
+
+    /// The nine taps' gradient from the planes at `first + b·step` (`b < n`) of the inputs `xs`
+    /// and output gradients `gs`.
+    fn channel(&mut self, xs: &[f32], gs: &[f32], (n, first, step): (usize, usize, usize)) -> [f32; 9] {
+        super::simd::with_lanes(ChannelWeightGrad { flat: self, xs, gs, planes: (n, first, step) })
+    }
+}
+
+/// [`SameWeightGrad::channel`] with the CPU's widest registers.
+struct ChannelWeightGrad<'a> {
+    flat: &'a mut SameWeightGrad,
+    xs: &'a [f32],
+    gs: &'a [f32],
+    planes: (usize, usize, usize),
+}
+
+impl super::simd::WithLanes for ChannelWeightGrad<'_> {
+    type Output = [f32; 9];
+
+    #[inline(always)]
+    fn run<V: super::simd::Vf32>(self) -> [f32; 9] {
+        const L: usize = WG_LANES;
+        let ChannelWeightGrad { flat, xs, gs, planes: (n, first, step) } = self;
+        let (w, m) = (flat.w, flat.left.len());
+        let regs = L / V::LANES;
+        let full = m / L * L;
+        // SAFETY (all blocks below): `with_lanes` runs this with registers the CPU has; every
+        // block reads outputs `j..j + L` with `j + L ≤ full ≤ m` of `g` and the masks (`m` values)
+        // and inputs up to `j + 2w + L + 1 < m + 2w + 2` of `xp`.
+        let zero = unsafe { V::splat(0.0) };
+        // Register `i` of tap `t` holds sums `i·V::LANES..(i + 1)·V::LANES`.
+        let mut acc = [[zero; L]; 9];
+        let mut tail = [0f32; 9];
+        for b in 0..n {
+            let p = first + b * step;
+            flat.xp[w + 1..w + 1 + m].copy_from_slice(&xs[p..p + m]);
+            let g = &gs[p..p + m];
+            let (xp, left, right) = (flat.xp.as_ptr(), flat.left.as_ptr(), flat.right.as_ptr());
+            for j in (0..full).step_by(L) {
+                for (i, o) in (j..j + L).step_by(V::LANES).enumerate().take(regs) {
+                    unsafe {
+                        let gc = V::load(g.as_ptr().add(o));
+                        let gl = gc.mul(V::load(left.add(o)));
+                        let gr = gc.mul(V::load(right.add(o)));
+                        for ky in 0..3 {
+                            let x = xp.add(o + ky * w);
+                            let t = ky * 3;
+                            acc[t][i] = acc[t][i].add(gl.mul(V::load(x)));
+                            acc[t + 1][i] = acc[t + 1][i].add(gc.mul(V::load(x.add(1))));
+                            acc[t + 2][i] = acc[t + 2][i].add(gr.mul(V::load(x.add(2))));
+                        }
+                    }
+                }
+            }
+            let (xp, left, right) = (&flat.xp[..], &flat.left[..], &flat.right[..]);
+            for j in full..m {
+                for ky in 0..3 {
+                    let at = j + ky * w;
+                    tail[ky * 3] += g[j] * left[j] * xp[at];
+                    tail[ky * 3 + 1] += g[j] * xp[at + 1];
+                    tail[ky * 3 + 2] += g[j] * right[j] * xp[at + 2];
+                }
+            }
+        }
+        std::array::from_fn(|t| {
+            let mut lanes = [0f32; L];
+            for (i, r) in acc[t].iter().enumerate().take(regs) {
+                // SAFETY: register `i` fills lanes `i·V::LANES..(i + 1)·V::LANES` of 16.
+                unsafe { r.store(lanes.as_mut_ptr().add(i * V::LANES)) };
+            }
+            lanes.iter().fold(tail[t], |s, v| s + v)
+        })
+    }
+}
+
 fn dims4(l: &Layout, op: &str, what: &str) -> Result<(usize, usize, usize, usize)> {
     match l.dims() {
         [a, b, c, d] => Ok((*a, *b, *c, *d)),
@@ -191,9 +297,10 @@ fn planes_f32(
 ) -> Vec<f32> {
     let (ho, wo) = (out_side(h, stride), out_side(w, stride));
     let mut y = vec![0f32; n * c * ho * wo];
-    y.par_chunks_mut(ho * wo).enumerate().for_each(|(p, yp)| {
-        let plane = &src[p * h * w..(p + 1) * h * w];
-        super::fastconv::depthwise3x3_plane(plane, &taps(p % c), yp, (h, w), stride);
+    // The per-shape set-up (masks, buffers) once per rayon task, not once per plane.
+    let setup = || super::fastconv::Depthwise3x3Planes::new((h, w), stride);
+    y.par_chunks_mut(ho * wo).enumerate().for_each_init(setup, |planes, (p, yp)| {
+        planes.run(&src[p * h * w..(p + 1) * h * w], &taps(p % c), yp);
     });
     y
 }
@@ -390,6 +497,22 @@ impl DwBwdWeight {
         Ok([n, c, h, w, ho, wo])
     }
 
+    /// f32, stride 1: [`SameWeightGrad`], one channel (all its planes) per task. Stride 2 takes
+    /// the generic path.
+    fn run_f32(&self, xs: &[f32], xl: &Layout, gs: &[f32], gl: &Layout) -> Result<(Vec<f32>, Shape)> {
+        if self.stride != 1 {
+            return self.run(xs, xl, gs, gl);
+        }
+        let [n, c, h, w, _, _] = self.dims(xl, gl)?;
+        let hw = h * w;
+        let mut gk = vec![0f32; c * 9];
+        let setup = || SameWeightGrad::new(h, w);
+        gk.par_chunks_mut(9).enumerate().for_each_init(setup, |flat, (ch, gc)| {
+            gc.copy_from_slice(&flat.channel(xs, gs, (n, ch * hw, c * hw)));
+        });
+        Ok((gk, Shape::from((c, 1, 3, 3))))
+    }
+
     fn run<T: WithDType>(&self, xs: &[T], xl: &Layout, gs: &[T], gl: &Layout) -> Result<(Vec<T>, Shape)> {
         let [n, c, h, w, ho, wo] = self.dims(xl, gl)?;
         // One 9-tap partial per channel, accumulated over the batch inside each task so no
@@ -427,7 +550,7 @@ impl CustomOp2 for DwBwdWeight {
     ) -> Result<(CpuStorage, Shape)> {
         match s1.dtype() {
             DType::F32 => {
-                let (v, s) = self.run(
+                let (v, s) = self.run_f32(
                     contiguous::<f32>(s1, l1, self.name(), "input")?,
                     l1,
                     contiguous::<f32>(s2, l2, self.name(), "grad")?,
@@ -667,10 +790,12 @@ mod tests {
     #[test]
     fn f32_gradients_match_grouped_conv() -> Result<()> {
         let dev = Device::Cpu;
-        // Widths that take the row kernel's 16-, 8- and 4-column groups and its edges; stride 2
-        // on sides of equal parity (candle's reference backward needs that).
+        // Widths that take the row kernel's 16-, 8- and 4-column groups and its edges; planes
+        // of whole 16-lane blocks, with a tail and all tail for the stride-1 weight gradient;
+        // stride 2 on sides of equal parity (candle's reference backward needs that).
         for (n, c, h, w, stride) in [
             (2, 4, 8, 8, 2),
+            (3, 3, 8, 8, 1),
             (2, 3, 19, 21, 1),
             (1, 2, 37, 18, 1),
             (1, 2, 37, 19, 2),
@@ -694,6 +819,39 @@ mod tests {
             }
         }
         Ok(())
+    }
+
+    /// One channel's stride-1 weight gradient, to run with each register type.
+    #[derive(Clone)]
+    struct WeightGradCase {
+        hw: (usize, usize),
+        xs: Vec<f32>,
+        gs: Vec<f32>,
+        planes: (usize, usize, usize),
+    }
+
+    impl crate::nn::simd::WithLanes for WeightGradCase {
+        type Output = [f32; 9];
+        #[inline(always)]
+        fn run<V: crate::nn::simd::Vf32>(self) -> [f32; 9] {
+            let mut flat = SameWeightGrad::new(self.hw.0, self.hw.1);
+            ChannelWeightGrad { flat: &mut flat, xs: &self.xs, gs: &self.gs, planes: self.planes }.run::<V>()
+        }
+    }
+
+    #[test]
+    fn stride1_weight_gradient_is_the_same_bits_in_every_register_width() {
+        // Planes of 7×7 (three blocks of 16 and a tail), two images of three channels: channel 1.
+        let (n, c, h, w) = (2, 3, 7, 7);
+        let vals = |seed: usize| -> Vec<f32> {
+            (0..n * c * h * w).map(|i| ((i * 7919 + seed) % 1013) as f32 * 0.013 - 6.5).collect()
+        };
+        let case = WeightGradCase { hw: (h, w), xs: vals(1), gs: vals(5), planes: (n, h * w, c * h * w) };
+        let outs = crate::nn::simd::each_level(case);
+        let bits = |t: &[f32; 9]| t.map(f32::to_bits);
+        for o in &outs[1..] {
+            assert_eq!(bits(o), bits(&outs[0]), "{outs:?}");
+        }
     }
 
     #[test]

@@ -493,8 +493,15 @@ struct SamePart {
 impl SamePart {
     fn new((h, w): (usize, usize), cols: std::ops::Range<usize>) -> Self {
         let (j0, j1) = (cols.start, cols.end);
+        // Column of each output, counted along (no division per output).
         let mask = |edge: usize| -> Vec<f32> {
-            cols.clone().map(|j| if j % w == edge { 0.0 } else { 1.0 }).collect()
+            let mut col = j0 % w;
+            let mut m = Vec::with_capacity(j1 - j0);
+            for _ in cols.clone() {
+                m.push(if col == edge { 0.0 } else { 1.0 });
+                col = if col + 1 == w { 0 } else { col + 1 };
+            }
+            m
         };
         let first = j0 as isize - (w + 1) as isize;
         let (from, to) = (first.max(0) as usize, (j1 + w + 1).min(h * w));
@@ -743,41 +750,54 @@ unsafe fn depthwise3x3_lanes<V: Vf32, const S: usize, const RELU: bool>(
     }
 }
 
-/// One `h×w` plane of a 3×3 depthwise convolution with padding 1 and stride 1 or 2 (the
-/// training layers' shape) into `y` (`ho×wo`), with the CPU's widest registers.
-pub(crate) fn depthwise3x3_plane(
-    x: &[f32],
-    k: &[f32; 9],
-    y: &mut [f32],
-    (h, w): (usize, usize),
+/// `h×w` planes of a 3×3 depthwise convolution with padding 1 and stride 1 or 2 (the training
+/// layers' shape), with the CPU's widest registers. What depends only on the shape (the masks and
+/// input buffer of a stride-1 run, a row of zeros for stride 2) is set up once and reused for
+/// every plane given to [`Self::run`].
+pub(crate) struct Depthwise3x3Planes {
+    hw: (usize, usize),
     stride: usize,
-) {
-    simd::with_lanes(Plane { x, k, y, hw: (h, w), stride })
+    /// Stride 1: the whole plane as one flat run.
+    same: Option<SamePart>,
+    /// Stride 2: the padding row.
+    zeros: Vec<f32>,
+}
+
+impl Depthwise3x3Planes {
+    pub(crate) fn new((h, w): (usize, usize), stride: usize) -> Self {
+        let same = (stride == 1).then(|| SamePart::new((h, w), 0..h * w));
+        let zeros = if stride == 1 { Vec::new() } else { vec![0f32; w] };
+        Self { hw: (h, w), stride, same, zeros }
+    }
+
+    /// One plane `x` (`h×w`) convolved with `k` into `y` (`ho×wo`).
+    pub(crate) fn run(&mut self, x: &[f32], k: &[f32; 9], y: &mut [f32]) {
+        simd::with_lanes(Plane { planes: self, x, k, y })
+    }
 }
 
 struct Plane<'a> {
+    planes: &'a mut Depthwise3x3Planes,
     x: &'a [f32],
     k: &'a [f32; 9],
     y: &'a mut [f32],
-    hw: (usize, usize),
-    stride: usize,
 }
 
 impl WithLanes for Plane<'_> {
     type Output = ();
     #[inline(always)]
     fn run<V: Vf32>(self) {
-        let Plane { x, k, y, hw: (h, w), stride } = self;
-        if stride == 1 {
+        let Plane { planes, x, k, y } = self;
+        let ((h, w), stride) = (planes.hw, planes.stride);
+        if let Some(same) = &mut planes.same {
             // Padding 1, stride 1: the output is the input's size, one flat run.
-            SamePart::new((h, w), 0..h * w).run::<V>(x, k, (0.0, false), &mut y[..h * w]);
+            same.run::<V>(x, k, (0.0, false), &mut y[..h * w]);
             return;
         }
         let (ho, wo) = (super::depthwise::out_side(h, stride), super::depthwise::out_side(w, stride));
-        let zeros = vec![0f32; w];
         for (oy, out) in y.chunks_exact_mut(wo).take(ho).enumerate() {
             let axes = ((stride, 1), (stride, 1));
-            depthwise3x3_output_row::<V>(out, (oy, 0), (x, (h, w), &zeros), k, axes, (0.0, false));
+            depthwise3x3_output_row::<V>(out, (oy, 0), (x, (h, w), &planes.zeros), k, axes, (0.0, false));
         }
     }
 }
