@@ -11,7 +11,8 @@ use std::mem::MaybeUninit;
 use std::sync::{Arc, Mutex};
 
 use candle_core::{
-    CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, WithDType, backend::BackendStorage, bail,
+    CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, WithDType,
+    backend::BackendStorage, bail,
 };
 use rayon::prelude::*;
 
@@ -26,6 +27,11 @@ pub struct BatchStats {
     pub inv_std: Vec<f64>,
     /// Values per channel, `n·h·w`.
     pub count: usize,
+    /// The affine map the forward pass applied, `y = x·scale + shift` (before any ReLU6), per
+    /// channel: `γ/σ` and `β − μ·γ/σ`. The backward pass recomputes the ReLU6's mask with it (the
+    /// same values in the same arithmetic), so it need not read the output.
+    pub scale: Vec<f64>,
+    pub shift: Vec<f64>,
 }
 
 fn slice<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout, op: &str, what: &str) -> Result<&'a [T]> {
@@ -74,12 +80,12 @@ impl BnTrain {
         let mean: Vec<f64> = per_channel.iter().map(|p| p.0).collect();
         let var: Vec<f64> = per_channel.iter().map(|p| p.1).collect();
         let inv_std: Vec<f64> = var.iter().map(|v| 1.0 / (v + self.eps).sqrt()).collect();
+        let scale: Vec<f64> = (0..c).map(|ch| inv_std[ch] * g[ch].to_f64()).collect();
+        let shift: Vec<f64> = (0..c).map(|ch| b[ch].to_f64() - mean[ch] * scale[ch]).collect();
         let fill = |y: &mut [MaybeUninit<T>]| {
             y.par_chunks_mut(hw).enumerate().for_each(|(p, yp)| {
                 let ch = p % c;
-                let a = inv_std[ch] * g[ch].to_f64();
-                let shift = b[ch].to_f64() - mean[ch] * a;
-                let (a, shift) = (T::from_f64(a), T::from_f64(shift));
+                let (a, shift) = (T::from_f64(scale[ch]), T::from_f64(shift[ch]));
                 let xp = &x[p * hw..(p + 1) * hw];
                 simd::vectorized(
                     #[inline(always)]
@@ -99,7 +105,8 @@ impl BnTrain {
         };
         // SAFETY: the planes cover the buffer and every value of each is written.
         let y = unsafe { super::written(x.len(), fill) };
-        *self.stats.lock().expect("stats lock") = Some(BatchStats { mean, var, inv_std, count: n * hw });
+        *self.stats.lock().expect("stats lock") =
+            Some(BatchStats { mean, var, inv_std, count: n * hw, scale, shift });
         y
     }
 }
@@ -146,7 +153,7 @@ impl CustomOp3 for BnTrain {
         x: &Tensor,
         gamma: &Tensor,
         _beta: &Tensor,
-        res: &Tensor,
+        _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let Some(stats) = self.stats.lock().expect("stats lock").clone() else {
@@ -154,8 +161,7 @@ impl CustomOp3 for BnTrain {
         };
         let gamma = gamma.to_dtype(DType::F64)?.to_vec1::<f64>()?;
         let op = BnTrainBwd { stats, gamma, relu6: self.relu6, reductions: Mutex::new(None) };
-        // With the ReLU6 fused, the output tells where the gradient passes (0 < y < 6).
-        let dx = x.apply_op3_no_bwd(&grad.contiguous()?, &res.contiguous()?, &op)?;
+        let dx = x.apply_op2_no_bwd(&grad.contiguous()?, &op)?;
         let Some((dgamma, dbeta)) = op.reductions.lock().expect("reductions lock").take() else {
             bail!("{}: backward produced no parameter gradients", self.name());
         };
@@ -167,8 +173,10 @@ impl CustomOp3 for BnTrain {
     }
 }
 
-/// `(x, grad, y) → ∂x`, leaving `(∂γ, ∂β)` in `reductions`. With `relu6`, `y` is the clamped
-/// output and the gradient counts only where `0 < y < 6`; otherwise `y` is not read.
+/// `(x, grad) → ∂x`, leaving `(∂γ, ∂β)` in `reductions`. With `relu6` the gradient counts only
+/// where the output was inside the clamp, `0 < x·scale + shift < 6`, recomputed from `x` as the
+/// forward pass computed it (bit for bit), so the output is not read: two streams per pass
+/// instead of three, and this op is bound by memory traffic.
 struct BnTrainBwd {
     stats: BatchStats,
     gamma: Vec<f64>,
@@ -194,24 +202,26 @@ fn lane_sum<T: WithDType>(p: &[T], shift: f64, f: impl Fn(f64) -> f64) -> f64 {
     acc.iter().sum::<f64>() + rest.iter().map(|v| f(v.to_f64() - shift)).sum::<f64>()
 }
 
-/// The gradient where it passes a fused ReLU6 (`0 < y < 6`), else zero.
+/// The gradient where it passes a fused ReLU6 (`0 < x·a + b < 6`, the pre-clamp output as the
+/// forward pass computed it), else zero.
 #[inline(always)]
-fn passed<T: WithDType>(g: T, y: T, relu6: bool) -> T {
-    if !relu6 || super::relu6_passes(y) { g } else { T::zero() }
+fn passed<T: WithDType>(g: T, x: T, (a, b): (T, T), relu6: bool) -> T {
+    if !relu6 || super::relu6_passes(x * a + b) { g } else { T::zero() }
 }
 
 impl BnTrainBwd {
-    fn run<T: WithDType>(&self, x: &[T], g: &[T], y: &[T], (n, c, hw): (usize, usize, usize)) -> Vec<T> {
+    fn run<T: WithDType>(&self, x: &[T], g: &[T], (n, c, hw): (usize, usize, usize)) -> Vec<T> {
         let st = &self.stats;
         let relu6 = self.relu6;
+        let affine = |ch: usize| (T::from_f64(st.scale[ch]), T::from_f64(st.shift[ch]));
         let red: Vec<(f64, f64)> = (0..c)
             .into_par_iter()
             .map(|ch| {
-                let mean = st.mean[ch];
+                let (mean, pre) = (st.mean[ch], affine(ch));
                 let (mut dg, mut db) = (0.0, 0.0);
                 for i in 0..n {
                     let r = (i * c + ch) * hw..(i * c + ch + 1) * hw;
-                    let (xp, gp, yp) = (&x[r.clone()], &g[r.clone()], &y[r]);
+                    let (xp, gp) = (&x[r.clone()], &g[r]);
                     // Σ g·(x − μ) and Σ g in lanes of partial sums, as in `lane_sum`.
                     simd::vectorized(
                         #[inline(always)]
@@ -220,14 +230,14 @@ impl BnTrainBwd {
                             let mut i = 0;
                             while i + SUM_LANES <= xp.len() {
                                 for l in 0..SUM_LANES {
-                                    let gv = passed(gp[i + l], yp[i + l], relu6).to_f64();
+                                    let gv = passed(gp[i + l], xp[i + l], pre, relu6).to_f64();
                                     ab[l] += gv;
                                     ag[l] += gv * (xp[i + l].to_f64() - mean);
                                 }
                                 i += SUM_LANES;
                             }
                             for j in i..xp.len() {
-                                let gv = passed(gp[j], yp[j], relu6).to_f64();
+                                let gv = passed(gp[j], xp[j], pre, relu6).to_f64();
                                 db += gv;
                                 dg += gv * (xp[j].to_f64() - mean);
                             }
@@ -250,13 +260,14 @@ impl BnTrainBwd {
                 let bx = -k * inv * dg / m;
                 let e = -k * db / m - bx * mean;
                 let (k, bx, e) = (T::from_f64(k), T::from_f64(bx), T::from_f64(e));
+                let pre = affine(ch);
                 let r = p * hw..(p + 1) * hw;
-                let (xp, gp, yp) = (&x[r.clone()], &g[r.clone()], &y[r]);
+                let (xp, gp) = (&x[r.clone()], &g[r]);
                 simd::vectorized(
                     #[inline(always)]
                     || {
-                        for (((d, xv), gv), yv) in dp.iter_mut().zip(xp).zip(gp).zip(yp) {
-                            d.write(k * passed(*gv, *yv, relu6) + bx * *xv + e);
+                        for ((d, xv), gv) in dp.iter_mut().zip(xp).zip(gp) {
+                            d.write(k * passed(*gv, *xv, pre, relu6) + bx * *xv + e);
                         }
                     },
                 )
@@ -270,7 +281,7 @@ impl BnTrainBwd {
     }
 }
 
-impl CustomOp3 for BnTrainBwd {
+impl CustomOp2 for BnTrainBwd {
     fn name(&self) -> &'static str {
         "batch-norm-train-grad"
     }
@@ -281,31 +292,21 @@ impl CustomOp3 for BnTrainBwd {
         l1: &Layout,
         s2: &CpuStorage,
         l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let d = dims3(l1, self.name())?;
-        if l1.shape() != l2.shape() || l1.shape() != l3.shape() {
-            bail!(
-                "{}: input {:?}, grad {:?} and output {:?} differ",
-                self.name(),
-                l1.dims(),
-                l2.dims(),
-                l3.dims()
-            );
+        if l1.shape() != l2.shape() {
+            bail!("{}: input {:?} and grad {:?} differ", self.name(), l1.dims(), l2.dims());
         }
         let name = self.name();
         let out = match s1.dtype() {
             DType::F32 => CpuStorage::F32(self.run(
                 slice::<f32>(s1, l1, name, "input")?,
                 slice::<f32>(s2, l2, name, "grad")?,
-                slice::<f32>(s3, l3, name, "output")?,
                 d,
             )),
             DType::F64 => CpuStorage::F64(self.run(
                 slice::<f64>(s1, l1, name, "input")?,
                 slice::<f64>(s2, l2, name, "grad")?,
-                slice::<f64>(s3, l3, name, "output")?,
                 d,
             )),
             dt => bail!("{name}: unsupported dtype {dt:?} (f32 or f64)"),
