@@ -12,6 +12,8 @@ use candle_core::{
 };
 use rayon::prelude::*;
 
+use super::fastconv::SamePart;
+
 /// Output side of a 3×3, padding-1 convolution with `stride` over an input of side `n`.
 #[inline]
 pub fn out_side(n: usize, stride: usize) -> usize {
@@ -167,48 +169,25 @@ fn bwd_weight_plane<T: WithDType>(x: &[T], gy: &[T], gk: &mut [T; 9], h: usize, 
     }
 }
 
-/// Partial sums per tap in [`SameWeightGrad`]: output `j` of a plane goes to sum `j mod 16`, one
+/// Partial sums per tap in [`same_weight_grad`]: output `j` of a plane goes to sum `j mod 16`, one
 /// AVX-512 register (two AVX2 ones, four SSE ones), so every width adds the same values in the
 /// same order.
 const WG_LANES: usize = 16;
 
-/// The stride-1 weight gradient of one channel's `h×w` planes as flat runs, like the forward pass
-/// of [`super::fastconv`]: output `j` of a plane reads inputs `j + (ky − 1)·w + kx − 1`, so tap
-/// `(ky, kx)` gathers `Σ_j g[j]·x[j + (ky − 1)·w + kx − 1]` over the outputs whose neighbour is in
-/// their own row. Each plane's input is copied between zero rows, and the left and right taps take
-/// the gradient times 0/1 masks. Whatever the row width, outputs go sixteen at a time (rows 7 or
-/// 14 wide no longer make nine short dot products per row).
-struct SameWeightGrad {
-    w: usize,
-    /// 0 where an output's left (right) neighbour is in another row, else 1.
-    left: Vec<f32>,
-    right: Vec<f32>,
-    /// A plane's inputs at `w + 1..`, zeros before and after.
-    xp: Vec<f32>,
+/// The stride-1 weight gradient of one channel's `h×w` planes as flat runs, read through the
+/// forward pass's [`SamePart`] (its masks and zero-padded input buffer over the whole plane):
+/// output `j` of a plane reads inputs `j + (ky − 1)·w + kx − 1`, so tap `(ky, kx)` gathers
+/// `Σ_j g[j]·x[j + (ky − 1)·w + kx − 1]` over the outputs whose neighbour is in their own row, the
+/// left and right taps taking the gradient times the 0/1 masks. Whatever the row width, outputs go
+/// sixteen at a time (rows 7 or 14 wide no longer make nine short dot products per row). The
+/// planes are at `first + b·step` (`b < n`) of the inputs `xs` and output gradients `gs`.
+fn same_weight_grad(flat: &mut SamePart, xs: &[f32], gs: &[f32], planes: (usize, usize, usize)) -> [f32; 9] {
+    super::simd::with_lanes(ChannelWeightGrad { flat, xs, gs, planes })
 }
 
-impl SameWeightGrad {
-    fn new(h: usize, w: usize) -> Self {
-        let (mut left, mut right) = (Vec::with_capacity(h * w), Vec::with_capacity(h * w));
-        for _ in 0..h {
-            for col in 0..w {
-                left.push(if col == 0 { 0.0 } else { 1.0 });
-                right.push(if col + 1 == w { 0.0 } else { 1.0 });
-            }
-        }
-        Self { w, left, right, xp: vec![0f32; h * w + 2 * w + 2] }
-    }
-
-    /// The nine taps' gradient from the planes at `first + b·step` (`b < n`) of the inputs `xs`
-    /// and output gradients `gs`.
-    fn channel(&mut self, xs: &[f32], gs: &[f32], (n, first, step): (usize, usize, usize)) -> [f32; 9] {
-        super::simd::with_lanes(ChannelWeightGrad { flat: self, xs, gs, planes: (n, first, step) })
-    }
-}
-
-/// [`SameWeightGrad::channel`] with the CPU's widest registers.
+/// [`same_weight_grad`] with the CPU's widest registers.
 struct ChannelWeightGrad<'a> {
-    flat: &'a mut SameWeightGrad,
+    flat: &'a mut SamePart,
     xs: &'a [f32],
     gs: &'a [f32],
     planes: (usize, usize, usize),
@@ -221,9 +200,8 @@ impl super::simd::WithLanes for ChannelWeightGrad<'_> {
     fn run<V: super::simd::Vf32>(self) -> [f32; 9] {
         const L: usize = WG_LANES;
         let ChannelWeightGrad { flat, xs, gs, planes: (n, first, step) } = self;
-        let (w, m) = (flat.w, flat.left.len());
+        let w = flat.width();
         let regs = L / V::LANES;
-        let full = m / L * L;
         // SAFETY (all blocks below): `with_lanes` runs this with registers the CPU has; every
         // block reads outputs `j..j + L` with `j + L ≤ full ≤ m` of `g` and the masks (`m` values)
         // and inputs up to `j + 2w + L + 1 < m + 2w + 2` of `xp`.
@@ -232,18 +210,18 @@ impl super::simd::WithLanes for ChannelWeightGrad<'_> {
         let mut acc = [[zero; L]; 9];
         let mut tail = [0f32; 9];
         for b in 0..n {
-            let p = first + b * step;
-            flat.xp[w + 1..w + 1 + m].copy_from_slice(&xs[p..p + m]);
-            let g = &gs[p..p + m];
-            let (xp, left, right) = (flat.xp.as_ptr(), flat.left.as_ptr(), flat.right.as_ptr());
+            let (xp, left, right) = flat.load(&xs[first + b * step..]);
+            let m = left.len();
+            let full = m / L * L;
+            let g = &gs[first + b * step..][..m];
             for j in (0..full).step_by(L) {
                 for (i, o) in (j..j + L).step_by(V::LANES).enumerate().take(regs) {
                     unsafe {
                         let gc = V::load(g.as_ptr().add(o));
-                        let gl = gc.mul(V::load(left.add(o)));
-                        let gr = gc.mul(V::load(right.add(o)));
+                        let gl = gc.mul(V::load(left.as_ptr().add(o)));
+                        let gr = gc.mul(V::load(right.as_ptr().add(o)));
                         for ky in 0..3 {
-                            let x = xp.add(o + ky * w);
+                            let x = xp.as_ptr().add(o + ky * w);
                             let t = ky * 3;
                             acc[t][i] = acc[t][i].add(gl.mul(V::load(x)));
                             acc[t + 1][i] = acc[t + 1][i].add(gc.mul(V::load(x.add(1))));
@@ -252,7 +230,6 @@ impl super::simd::WithLanes for ChannelWeightGrad<'_> {
                     }
                 }
             }
-            let (xp, left, right) = (&flat.xp[..], &flat.left[..], &flat.right[..]);
             for j in full..m {
                 for ky in 0..3 {
                     let at = j + ky * w;
@@ -497,7 +474,7 @@ impl DwBwdWeight {
         Ok([n, c, h, w, ho, wo])
     }
 
-    /// f32, stride 1: [`SameWeightGrad`], one channel (all its planes) per task. Stride 2 takes
+    /// f32, stride 1: [`same_weight_grad`], one channel (all its planes) per task. Stride 2 takes
     /// the generic path.
     fn run_f32(&self, xs: &[f32], xl: &Layout, gs: &[f32], gl: &Layout) -> Result<(Vec<f32>, Shape)> {
         if self.stride != 1 {
@@ -506,9 +483,9 @@ impl DwBwdWeight {
         let [n, c, h, w, _, _] = self.dims(xl, gl)?;
         let hw = h * w;
         let mut gk = vec![0f32; c * 9];
-        let setup = || SameWeightGrad::new(h, w);
+        let setup = || SamePart::new((h, w), 0..hw);
         gk.par_chunks_mut(9).enumerate().for_each_init(setup, |flat, (ch, gc)| {
-            gc.copy_from_slice(&flat.channel(xs, gs, (n, ch * hw, c * hw)));
+            gc.copy_from_slice(&same_weight_grad(flat, xs, gs, (n, ch * hw, c * hw)));
         });
         Ok((gk, Shape::from((c, 1, 3, 3))))
     }
@@ -834,7 +811,7 @@ mod tests {
         type Output = [f32; 9];
         #[inline(always)]
         fn run<V: crate::nn::simd::Vf32>(self) -> [f32; 9] {
-            let mut flat = SameWeightGrad::new(self.hw.0, self.hw.1);
+            let mut flat = SamePart::new(self.hw, 0..self.hw.0 * self.hw.1);
             ChannelWeightGrad { flat: &mut flat, xs: &self.xs, gs: &self.gs, planes: self.planes }.run::<V>()
         }
     }

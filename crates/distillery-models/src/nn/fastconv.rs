@@ -476,8 +476,9 @@ unsafe fn depthwise3x3_same_tile<V: Vf32>(
 
 /// Outputs `cols` of a stride-1, padding-1 3×3 depthwise convolution of `h×w` planes (see
 /// [`depthwise3x3_same_tile`]): the masks for those outputs and a buffer for the inputs they read,
-/// set up once for any number of planes.
-struct SamePart {
+/// set up once for any number of planes. The training depthwise weight gradient reads planes
+/// through it too ([`super::depthwise`]).
+pub(crate) struct SamePart {
     w: usize,
     /// 0 where an output's left (right) neighbour is in another row, else 1.
     left: Vec<f32>,
@@ -491,7 +492,7 @@ struct SamePart {
 }
 
 impl SamePart {
-    fn new((h, w): (usize, usize), cols: std::ops::Range<usize>) -> Self {
+    pub(crate) fn new((h, w): (usize, usize), cols: std::ops::Range<usize>) -> Self {
         let (j0, j1) = (cols.start, cols.end);
         // Column of each output, counted along (no division per output).
         let mask = |edge: usize| -> Vec<f32> {
@@ -509,17 +510,31 @@ impl SamePart {
         Self { w, left: mask(0), right: mask(w - 1), xp: vec![0f32; j1 - j0 + 2 * w + 2], from, to, at }
     }
 
+    /// The planes' row width.
+    pub(crate) fn width(&self) -> usize {
+        self.w
+    }
+
+    /// Copies this part's inputs of one plane (`h·w` values) into the buffer. Returns the buffer
+    /// (output `j` of the part reads `xp[j + ky·w + kx]` for tap `(ky, kx)`) and the left and
+    /// right masks (one value per output).
+    #[inline(always)]
+    pub(crate) fn load(&mut self, plane: &[f32]) -> (&[f32], &[f32], &[f32]) {
+        let n = self.to - self.from;
+        self.xp[self.at..self.at + n].copy_from_slice(&plane[self.from..self.to]);
+        (&self.xp, &self.left, &self.right)
+    }
+
     /// This part of one plane (`h·w` values) into `out` (one value per output).
     #[inline(always)]
     fn run<V: Vf32>(&mut self, plane: &[f32], k: &[f32; 9], (bias, relu): (f32, bool), out: &mut [f32]) {
-        let n = self.to - self.from;
-        self.xp[self.at..self.at + n].copy_from_slice(&plane[self.from..self.to]);
-        let masks = (&self.left[..], &self.right[..]);
+        let w = self.w;
+        let (xp, left, right) = self.load(plane);
         // SAFETY: `xp` holds `out.len() + 2w + 2` values and the masks `out.len()`.
         unsafe {
             match relu {
-                false => same_groups::<V, false>(out, &self.xp, self.w, masks, k, bias),
-                true => same_groups::<V, true>(out, &self.xp, self.w, masks, k, bias),
+                false => same_groups::<V, false>(out, xp, w, (left, right), k, bias),
+                true => same_groups::<V, true>(out, xp, w, (left, right), k, bias),
             }
         }
     }
