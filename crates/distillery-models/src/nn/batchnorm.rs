@@ -51,12 +51,12 @@ fn dims3(l: &Layout, op: &str) -> Result<(usize, usize, usize)> {
 }
 
 /// `(x [n,c,hw], γ [c], β [c]) → y`; records the batch statistics for [`BnTrain::stats`].
-struct BnTrain {
-    eps: f64,
+pub(super) struct BnTrain {
+    pub(super) eps: f64,
     /// Clamp the output to `[0, 6]` (a ReLU6 fused into the same pass and graph node).
-    relu6: bool,
+    pub(super) relu6: bool,
     /// Shared with the caller, which reads the statistics after the forward pass.
-    stats: Arc<Mutex<Option<BatchStats>>>,
+    pub(super) stats: Arc<Mutex<Option<BatchStats>>>,
 }
 
 impl BnTrain {
@@ -177,11 +177,11 @@ impl CustomOp3 for BnTrain {
 /// where the output was inside the clamp, `0 < x·scale + shift < 6`, recomputed from `x` as the
 /// forward pass computed it (bit for bit), so the output is not read: two streams per pass
 /// instead of three, and this op is bound by memory traffic.
-struct BnTrainBwd {
-    stats: BatchStats,
-    gamma: Vec<f64>,
-    relu6: bool,
-    reductions: Mutex<Option<(Vec<f64>, Vec<f64>)>>,
+pub(super) struct BnTrainBwd {
+    pub(super) stats: BatchStats,
+    pub(super) gamma: Vec<f64>,
+    pub(super) relu6: bool,
+    pub(super) reductions: Mutex<Option<(Vec<f64>, Vec<f64>)>>,
 }
 
 /// Partial sums per lane: independent accumulators LLVM can keep in one vector register, where a

@@ -29,8 +29,8 @@ fn contiguous<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout, op: &str, what: &
 }
 
 /// Forward op: `(x [n,c,h,w], w [c,1,3,3]) → y [n,c,ho,wo]`.
-struct DwFwd {
-    stride: usize,
+pub(super) struct DwFwd {
+    pub(super) stride: usize,
 }
 
 /// Gradient wrt the input: `(grad_y [n,c,ho,wo], w [c,1,3,3]) → grad_x [n,c,h,w]`.

@@ -12,6 +12,9 @@
 //! - [`BatchNorm2d`]: train/eval batch norm whose running statistics are [`Var`]s registered in
 //!   the `VarMap`, so they are saved with the weights (the optimiser skips them: they get no
 //!   gradient).
+//! - [`conv_bn_chain_t`]: convolutions each followed by its batch norm (and ReLU6), with an
+//!   optional shortcut, as one op when training on the CPU (see [`chain`]): no gradient tensor
+//!   materialised between the stages.
 //! - [`relu6`] (a fused op), [`global_avg_pool`], [`max_pool2x2`] (exact, via reshape and max;
 //!   candle's `max_pool2d` backward is mis-scaled), [`Linear`], [`Dropout`].
 //!
@@ -19,6 +22,7 @@
 
 pub mod adamw;
 pub mod batchnorm;
+mod chain;
 #[cfg(feature = "cuda")]
 pub(crate) mod cuda;
 pub mod depthwise;
@@ -349,14 +353,20 @@ impl BatchNorm2d {
             let y = y.reshape((n, c, h, w))?;
             (if relu6 { self::relu6(&y)? } else { y }, mean, var)
         };
+        self.update_running(&mean, &var, m)?;
+        Ok(y)
+    }
+
+    /// Moves the running statistics towards a training batch's `mean` and biased `var` over `m`
+    /// values per channel.
+    fn update_running(&self, mean: &Tensor, var: &Tensor, m: f64) -> Result<()> {
         let dtype = self.running_mean.dtype();
         let mom = self.momentum;
         let rm = ((self.running_mean.as_detached_tensor() * (1.0 - mom))? + (mean.to_dtype(dtype)? * mom)?)?;
         let rv = ((self.running_var.as_detached_tensor() * (1.0 - mom))?
             + (var.to_dtype(dtype)? * (mom * m / (m - 1.0)))?)?;
         self.running_mean.set(&rm)?;
-        self.running_var.set(&rv)?;
-        Ok(y)
+        self.running_var.set(&rv)
     }
 
     /// `relu6(self.forward_t(x, train))`, fused into one op when training on the CPU.
@@ -385,6 +395,103 @@ impl BatchNorm2d {
         let b = (self.bias.reshape((1, c, 1))? - shift.mul(&a)?)?;
         x3.broadcast_mul(&a)?.broadcast_add(&b)?.reshape((n, c, h, w))
     }
+}
+
+/// The convolution of a [`ConvBn`] stage.
+#[derive(Clone, Copy, Debug)]
+pub enum StageConv<'a> {
+    Pointwise(&'a Pointwise),
+    Depthwise(&'a DepthwiseConv3x3),
+}
+
+impl StageConv<'_> {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            StageConv::Pointwise(c) => c.forward(x),
+            StageConv::Depthwise(c) => c.forward(x),
+        }
+    }
+}
+
+/// One stage of [`conv_bn_chain_t`]: a convolution, the batch norm after it, and a ReLU6 after
+/// that when `relu6`.
+#[derive(Clone, Copy, Debug)]
+pub struct ConvBn<'a> {
+    pub conv: StageConv<'a>,
+    pub bn: &'a BatchNorm2d,
+    pub relu6: bool,
+}
+
+/// `relu6?(bn(conv(·)))` for each stage in turn, plus `x` when `residual` (an identity
+/// shortcut). Training on the CPU runs the chain as one op ([`chain`]) with the same outputs,
+/// gradients and running statistics as the stages one by one, and no gradient tensor between
+/// them; other devices, eval mode and chains that op does not fit run stage by stage.
+pub fn conv_bn_chain_t(x: &Tensor, stages: &[ConvBn<'_>], residual: bool, train: bool) -> Result<Tensor> {
+    if train
+        && cpu_kernels(x)
+        && let Some(y) = conv_bn_chain_train_cpu(x, stages, residual)?
+    {
+        return Ok(y);
+    }
+    conv_bn_chain_stepwise(x, stages, residual, train)
+}
+
+/// [`conv_bn_chain_t`] one layer at a time.
+fn conv_bn_chain_stepwise(x: &Tensor, stages: &[ConvBn<'_>], residual: bool, train: bool) -> Result<Tensor> {
+    let mut h = x.clone();
+    for st in stages {
+        let y = st.conv.forward(&h)?;
+        h = if st.relu6 { st.bn.forward_relu6_t(&y, train)? } else { st.bn.forward_t(&y, train)? };
+    }
+    if residual { h + x } else { Ok(h) }
+}
+
+/// [`conv_bn_chain_t`] in training as one CPU op, or `None` where [`chain::train_cpu`] does not
+/// apply.
+fn conv_bn_chain_train_cpu(x: &Tensor, stages: &[ConvBn<'_>], residual: bool) -> Result<Option<Tensor>> {
+    let (n, _, h, w) = x.dims4()?;
+    let mut spec = Vec::with_capacity(stages.len());
+    let mut weights = Vec::with_capacity(stages.len());
+    let mut params = Vec::with_capacity(2 * stages.len());
+    let mut macs = Vec::with_capacity(stages.len());
+    let (mut ho, mut wo) = (h, w);
+    for st in stages {
+        let (conv, weight) = match st.conv {
+            StageConv::Pointwise(c) => (chain::ChainConv::Pointwise, &c.weight),
+            StageConv::Depthwise(c) => (chain::ChainConv::Depthwise { stride: c.stride }, &c.weight),
+        };
+        let (c_out, c_in, k, _) = weight.dims4()?;
+        if [&st.bn.weight, &st.bn.bias].iter().any(|t| t.dims() != [c_out]) {
+            return Ok(None);
+        }
+        if let chain::ChainConv::Depthwise { stride } = conv {
+            if !matches!(stride, 1 | 2) {
+                return Ok(None);
+            }
+            (ho, wo) = (depthwise::out_side(ho, stride), depthwise::out_side(wo, stride));
+        }
+        // A depthwise weight is [c, 1, 3, 3]: one input channel per output.
+        macs.push(cost::conv2d_macs(&[n, c_out, ho, wo], c_in, k, k));
+        spec.push(chain::Stage { conv, weight: weight.shape().clone(), eps: st.bn.eps, relu6: st.relu6 });
+        weights.push(weight.clone());
+        params.extend([st.bn.weight.clone(), st.bn.bias.clone()]);
+    }
+    let weights = match weights.as_slice() {
+        [w] => w.clone(),
+        ws => Tensor::cat(&ws.iter().map(Tensor::flatten_all).collect::<Result<Vec<_>>>()?, 0)?,
+    };
+    let Some((y, stats)) = chain::train_cpu(x, spec, residual, &weights, &Tensor::cat(&params, 0)?)? else {
+        return Ok(None);
+    };
+    for m in macs {
+        cost::record(m);
+    }
+    let dev = x.device();
+    for (st, s) in stages.iter().zip(stats) {
+        let m = s.count as f64;
+        st.bn.update_running(&Tensor::new(s.mean, dev)?, &Tensor::new(s.var, dev)?, m)?;
+    }
+    Ok(Some(y))
 }
 
 /// A fully connected layer `y = x Wᵀ + b`, `weight [out, in]`, `bias [out]`.

@@ -10,7 +10,9 @@
 use candle_core::{Result, Tensor};
 use candle_nn::VarBuilder;
 
-use crate::nn::{BatchNorm2d, Conv2d, DepthwiseConv3x3, Pointwise, global_avg_pool};
+use crate::nn::{
+    BatchNorm2d, Conv2d, ConvBn, DepthwiseConv3x3, Pointwise, StageConv, conv_bn_chain_t, global_avg_pool,
+};
 use crate::student::{Heads, Student, StudentOutput, StudentSpec, check_input};
 
 /// Expansion `t`, output channels `c`, repeats `n`, first stride `s` (the paper's Table 2).
@@ -63,14 +65,15 @@ impl InvertedResidual {
         })
     }
 
+    /// One chain of stages (one op when training on the CPU: see [`conv_bn_chain_t`]).
     fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let h = match &self.expand {
-            Some((pw, bn)) => bn.forward_relu6_t(&pw.forward(x)?, train)?,
-            None => x.clone(),
-        };
-        let h = self.dw_bn.forward_relu6_t(&self.dw.forward(&h)?, train)?;
-        let h = self.project_bn.forward_t(&self.project.forward(&h)?, train)?;
-        if self.residual { h + x } else { Ok(h) }
+        let mut stages = Vec::with_capacity(3);
+        if let Some((pw, bn)) = &self.expand {
+            stages.push(ConvBn { conv: StageConv::Pointwise(pw), bn, relu6: true });
+        }
+        stages.push(ConvBn { conv: StageConv::Depthwise(&self.dw), bn: &self.dw_bn, relu6: true });
+        stages.push(ConvBn { conv: StageConv::Pointwise(&self.project), bn: &self.project_bn, relu6: false });
+        conv_bn_chain_t(x, &stages, self.residual, train)
     }
 }
 
@@ -124,7 +127,8 @@ impl Student for MobileNetV2 {
         for b in &self.blocks {
             h = b.forward_t(&h, train)?;
         }
-        let h = self.last_bn.forward_relu6_t(&self.last.forward(&h)?, train)?;
+        let last = ConvBn { conv: StageConv::Pointwise(&self.last), bn: &self.last_bn, relu6: true };
+        let h = conv_bn_chain_t(&h, &[last], false, train)?;
         self.heads.forward_t(global_avg_pool(&h)?, train)
     }
 }
