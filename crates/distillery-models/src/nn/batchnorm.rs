@@ -69,9 +69,9 @@ impl BnTrain {
                 simd::vectorized(
                     #[inline(always)]
                     || {
-                        let sum: f64 = planes().map(|p| lane_sum(p, 0.0, |v| v)).sum();
+                        let sum: f64 = planes().map(|p| lane_sum(p, 0.0, false)).sum();
                         let mean = sum / m;
-                        let ss: f64 = planes().map(|p| lane_sum(p, mean, |d| d * d)).sum();
+                        let ss: f64 = planes().map(|p| lane_sum(p, mean, true)).sum();
                         (mean, ss / m)
                     },
                 )
@@ -188,9 +188,18 @@ pub(super) struct BnTrainBwd {
 /// single running sum would make every addition wait for the one before.
 const SUM_LANES: usize = 8;
 
-/// `Σ f(v − shift)` over `p`, in f64.
+/// `Σ (v − shift)` over `p` (squared when `square`), in f64: element `j` into partial sum
+/// `j mod SUM_LANES`, then the partial sums in order plus the tail's sum.
 #[inline(always)]
-fn lane_sum<T: WithDType>(p: &[T], shift: f64, f: impl Fn(f64) -> f64) -> f64 {
+fn lane_sum<T: WithDType>(p: &[T], shift: f64, square: bool) -> f64 {
+    #[cfg(target_arch = "x86_64")]
+    if simd::level() >= simd::Level::Avx2 && std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>() {
+        // SAFETY: T is f32 (so the cast keeps length and values); the CPU has AVX (AVX2 level).
+        return unsafe {
+            lane_sum_avx(std::slice::from_raw_parts(p.as_ptr().cast::<f32>(), p.len()), shift, square)
+        };
+    }
+    let f = |d: f64| if square { d * d } else { d };
     let mut acc = [0f64; SUM_LANES];
     let chunks = p.chunks_exact(SUM_LANES);
     let rest = chunks.remainder();
@@ -202,11 +211,158 @@ fn lane_sum<T: WithDType>(p: &[T], shift: f64, f: impl Fn(f64) -> f64) -> f64 {
     acc.iter().sum::<f64>() + rest.iter().map(|v| f(v.to_f64() - shift)).sum::<f64>()
 }
 
+/// [`lane_sum`] for f32 in AVX registers (same operations in the same order: the same bits); see
+/// [`grad_sums_avx`].
+///
+/// # Safety
+/// The CPU must support AVX.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx")]
+unsafe fn lane_sum_avx(p: &[f32], shift: f64, square: bool) -> f64 {
+    use std::arch::x86_64::*;
+    let n = p.len() / SUM_LANES * SUM_LANES;
+    let vshift = _mm256_set1_pd(shift);
+    let mut acc = [_mm256_setzero_pd(); 2];
+    let mut j = 0;
+    while j < n {
+        for (h, a) in acc.iter_mut().enumerate() {
+            // SAFETY: j + 4·h + 4 ≤ n ≤ p.len().
+            let d =
+                _mm256_sub_pd(_mm256_cvtps_pd(unsafe { _mm_loadu_ps(p.as_ptr().add(j + 4 * h)) }), vshift);
+            *a = _mm256_add_pd(*a, if square { _mm256_mul_pd(d, d) } else { d });
+        }
+        j += SUM_LANES;
+    }
+    let mut lanes = [0f64; SUM_LANES];
+    // SAFETY: `lanes` holds two registers of four.
+    unsafe {
+        _mm256_storeu_pd(lanes.as_mut_ptr(), acc[0]);
+        _mm256_storeu_pd(lanes.as_mut_ptr().add(4), acc[1]);
+    }
+    let f = |d: f64| if square { d * d } else { d };
+    lanes.iter().sum::<f64>() + p[n..].iter().map(|v| f(f64::from(*v) - shift)).sum::<f64>()
+}
+
 /// The gradient where it passes a fused ReLU6 (`0 < x·a + b < 6`, the pre-clamp output as the
 /// forward pass computed it), else zero.
 #[inline(always)]
 fn passed<T: WithDType>(g: T, x: T, (a, b): (T, T), relu6: bool) -> T {
     if !relu6 || super::relu6_passes(x * a + b) { g } else { T::zero() }
+}
+
+/// Adds `Σ g·(x − μ)` and `Σ g` over one plane to `(dg, db)`, `g` counted only where it passes
+/// the fused ReLU6 when `relu6`: element `j` into f64 partial sum `j mod SUM_LANES` (as in
+/// `lane_sum`), the tail straight into the totals, then the partial sums in order.
+#[inline(always)]
+fn grad_sums<T: WithDType>(xp: &[T], gp: &[T], mean: f64, pre: (T, T), relu6: bool, sums: &mut (f64, f64)) {
+    #[cfg(target_arch = "x86_64")]
+    if simd::level() >= simd::Level::Avx2 && std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>() {
+        // SAFETY: T is f32 (so the casts keep lengths and values); the CPU has AVX (AVX2 level).
+        unsafe {
+            let f = |s: &[T]| std::slice::from_raw_parts(s.as_ptr().cast::<f32>(), s.len());
+            let pre = (pre.0.to_f64() as f32, pre.1.to_f64() as f32);
+            return grad_sums_avx(f(xp), f(gp), mean, pre, relu6, sums);
+        }
+    }
+    grad_sums_scalar(xp, gp, mean, pre, relu6, sums)
+}
+
+#[inline(always)]
+fn grad_sums_scalar<T: WithDType>(
+    xp: &[T],
+    gp: &[T],
+    mean: f64,
+    pre: (T, T),
+    relu6: bool,
+    (dg, db): &mut (f64, f64),
+) {
+    let (mut ag, mut ab) = ([0f64; SUM_LANES], [0f64; SUM_LANES]);
+    let (xc, gc) = (xp.chunks_exact(SUM_LANES), gp.chunks_exact(SUM_LANES));
+    let (xr, gr) = (xc.remainder(), gc.remainder());
+    for (xs, gs) in xc.zip(gc) {
+        for l in 0..SUM_LANES {
+            let gv = passed(gs[l], xs[l], pre, relu6).to_f64();
+            ab[l] += gv;
+            ag[l] += gv * (xs[l].to_f64() - mean);
+        }
+    }
+    finish_grad_sums(xr, gr, mean, pre, relu6, (ag, ab), (dg, db));
+}
+
+/// The tail and the partial sums of [`grad_sums`].
+#[inline(always)]
+fn finish_grad_sums<T: WithDType>(
+    xr: &[T],
+    gr: &[T],
+    mean: f64,
+    pre: (T, T),
+    relu6: bool,
+    (ag, ab): ([f64; SUM_LANES], [f64; SUM_LANES]),
+    (dg, db): (&mut f64, &mut f64),
+) {
+    for (xv, gv) in xr.iter().zip(gr) {
+        let gv = passed(*gv, *xv, pre, relu6).to_f64();
+        *db += gv;
+        *dg += gv * (xv.to_f64() - mean);
+    }
+    *db += ab.iter().sum::<f64>();
+    *dg += ag.iter().sum::<f64>();
+}
+
+/// [`grad_sums_scalar`] for f32 in AVX registers: the eight f64 partial sums as two registers
+/// of four, each element converted, masked and accumulated with the same operations in the same
+/// order as the scalar loop (so the same bits), which LLVM does not vectorise on its own (it
+/// converts f32 to f64 one value at a time).
+///
+/// # Safety
+/// The CPU must support AVX.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx")]
+unsafe fn grad_sums_avx(
+    xp: &[f32],
+    gp: &[f32],
+    mean: f64,
+    (a, b): (f32, f32),
+    relu6: bool,
+    (dg, db): &mut (f64, f64),
+) {
+    use std::arch::x86_64::*;
+    const _: () = assert!(SUM_LANES == 8, "two registers of four f64 partial sums");
+    let n = xp.len().min(gp.len()) / SUM_LANES * SUM_LANES;
+    let (va, vb, zero, six) = (_mm_set1_ps(a), _mm_set1_ps(b), _mm_setzero_ps(), _mm_set1_ps(6.0));
+    let vmean = _mm256_set1_pd(mean);
+    let (mut ab, mut ag) = ([_mm256_setzero_pd(); 2], [_mm256_setzero_pd(); 2]);
+    let mut j = 0;
+    while j < n {
+        for h in 0..2 {
+            // SAFETY: j + 4·h + 4 ≤ n ≤ both lengths.
+            let (x, g) = unsafe {
+                (_mm_loadu_ps(xp.as_ptr().add(j + 4 * h)), _mm_loadu_ps(gp.as_ptr().add(j + 4 * h)))
+            };
+            let g = if relu6 {
+                // `passed`: 0 < x·a + b < 6 (false for NaN), else +0.
+                let y = _mm_add_ps(_mm_mul_ps(x, va), vb);
+                _mm_and_ps(_mm_and_ps(_mm_cmpgt_ps(y, zero), _mm_cmplt_ps(y, six)), g)
+            } else {
+                g
+            };
+            let (gd, xd) = (_mm256_cvtps_pd(g), _mm256_cvtps_pd(x));
+            ab[h] = _mm256_add_pd(ab[h], gd);
+            ag[h] = _mm256_add_pd(ag[h], _mm256_mul_pd(gd, _mm256_sub_pd(xd, vmean)));
+        }
+        j += SUM_LANES;
+    }
+    let lanes = |r: [__m256d; 2]| -> [f64; SUM_LANES] {
+        let mut out = [0f64; SUM_LANES];
+        // SAFETY: `out` holds two registers of four.
+        unsafe {
+            _mm256_storeu_pd(out.as_mut_ptr(), r[0]);
+            _mm256_storeu_pd(out.as_mut_ptr().add(4), r[1]);
+        }
+        out
+    };
+    let pre = (a, b);
+    finish_grad_sums(&xp[n..], &gp[n..], mean, pre, relu6, (lanes(ag), lanes(ab)), (dg, db));
 }
 
 impl BnTrainBwd {
@@ -218,34 +374,13 @@ impl BnTrainBwd {
             .into_par_iter()
             .map(|ch| {
                 let (mean, pre) = (st.mean[ch], affine(ch));
-                let (mut dg, mut db) = (0.0, 0.0);
+                let mut sums = (0.0, 0.0);
                 for i in 0..n {
                     let r = (i * c + ch) * hw..(i * c + ch + 1) * hw;
                     let (xp, gp) = (&x[r.clone()], &g[r]);
-                    // Σ g·(x − μ) and Σ g in lanes of partial sums, as in `lane_sum`.
-                    simd::vectorized(
-                        #[inline(always)]
-                        || {
-                            let (mut ag, mut ab) = ([0f64; SUM_LANES], [0f64; SUM_LANES]);
-                            let mut i = 0;
-                            while i + SUM_LANES <= xp.len() {
-                                for l in 0..SUM_LANES {
-                                    let gv = passed(gp[i + l], xp[i + l], pre, relu6).to_f64();
-                                    ab[l] += gv;
-                                    ag[l] += gv * (xp[i + l].to_f64() - mean);
-                                }
-                                i += SUM_LANES;
-                            }
-                            for j in i..xp.len() {
-                                let gv = passed(gp[j], xp[j], pre, relu6).to_f64();
-                                db += gv;
-                                dg += gv * (xp[j].to_f64() - mean);
-                            }
-                            db += ab.iter().sum::<f64>();
-                            dg += ag.iter().sum::<f64>();
-                        },
-                    );
+                    grad_sums(xp, gp, mean, pre, relu6, &mut sums);
                 }
+                let (dg, db) = sums;
                 (dg * st.inv_std[ch], db)
             })
             .collect();
@@ -565,6 +700,62 @@ mod cuda_ops {
                 })
             })?;
             Ok((dx, l1.shape().clone()))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::nn::gradcheck::pseudo_random;
+
+    /// The AVX sums of the forward pass give the scalar loop's bits.
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    fn avx_statistics_sums_give_the_scalar_bits() {
+        if !std::arch::is_x86_feature_detected!("avx") {
+            // The AVX path is never taken on this CPU.
+            return;
+        }
+        for len in [0, 5, 8, 13, 64, 197] {
+            let x: Vec<f32> = pseudo_random(len, 3).iter().map(|v| (v * 4.0 + 1.0) as f32).collect();
+            // The scalar loop, on the same values widened (exactly) to f64.
+            let wide: Vec<f64> = x.iter().map(|v| f64::from(*v)).collect();
+            for (shift, square) in [(0.0, false), (0.7, true)] {
+                let scalar = lane_sum(&wide, shift, square);
+                // SAFETY: AVX detected above.
+                let avx = unsafe { lane_sum_avx(&x, shift, square) };
+                assert_eq!(avx.to_bits(), scalar.to_bits(), "len {len}, square {square}: {avx} vs {scalar}");
+            }
+        }
+    }
+
+    /// The AVX reduction of the backward pass gives the scalar loop's bits: with and without the
+    /// ReLU6, values cut at both ends, a NaN (which both carry into `Σ g·(x − μ)`), and lengths
+    /// with and without a tail.
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    fn avx_gradient_sums_give_the_scalar_bits() {
+        if !std::arch::is_x86_feature_detected!("avx") {
+            // The AVX path is never taken on this CPU.
+            return;
+        }
+        for len in [0, 5, 8, 13, 64, 197] {
+            let mut x: Vec<f32> = pseudo_random(len, 1).iter().map(|v| (v * 4.0) as f32).collect();
+            let g: Vec<f32> = pseudo_random(len, 2).iter().map(|v| *v as f32).collect();
+            if len > 10 {
+                x[3] = f32::NAN;
+            }
+            for relu6 in [false, true] {
+                let (mean, pre) = (0.3, (1.7f32, 2.5f32));
+                let mut scalar = (0.25, -1.0);
+                let mut avx = scalar;
+                grad_sums_scalar(&x, &g, mean, pre, relu6, &mut scalar);
+                // SAFETY: AVX detected above.
+                unsafe { grad_sums_avx(&x, &g, mean, pre, relu6, &mut avx) };
+                let bits = |s: (f64, f64)| (s.0.to_bits(), s.1.to_bits());
+                assert_eq!(bits(avx), bits(scalar), "len {len}, relu6 {relu6}: {avx:?} vs {scalar:?}");
+            }
         }
     }
 }
