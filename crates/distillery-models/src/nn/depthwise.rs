@@ -11,6 +11,7 @@ use candle_core::{
     CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor, WithDType, backend::BackendStorage, bail,
 };
 use rayon::prelude::*;
+use std::mem::MaybeUninit;
 
 use super::fastconv::SamePart;
 
@@ -117,6 +118,86 @@ fn bwd_input_plane<T: WithDType>(gy: &[T], k: &[T], gx: &mut [T], h: usize, w: u
                     }
                 }
             }
+        }
+    }
+}
+
+/// The `(ky, oy)` pairs whose output row `oy` reads input row `iy` through tap row `ky` in a
+/// stride-2, padding-1 3×3 convolution with `ho` output rows (`iy = 2·oy + ky − 1`), by `ky`.
+#[inline(always)]
+fn s2_taps(iy: usize, ho: usize) -> impl Iterator<Item = (usize, usize)> {
+    (0..3).filter_map(move |ky| {
+        let t = (iy + 1).checked_sub(ky)?;
+        (t % 2 == 0 && t / 2 < ho).then_some((ky, t / 2))
+    })
+}
+
+/// Stride-2 input gradient of one plane, gathered per input row: column `2m` takes tap `kx = 1`
+/// of output column `m`, column `2m + 1` tap `kx = 0` of column `m + 1` and `kx = 2` of column `m`
+/// (rows likewise, through [`s2_taps`]). A row's even and odd columns are accumulated in `buf`
+/// as contiguous runs, which vectorise, then interleaved into `gx`: each value written once.
+#[inline(always)]
+fn bwd_input_plane_s2<T: WithDType>(
+    gy: &[T],
+    k: &[T],
+    gx: &mut [MaybeUninit<T>],
+    (h, w): (usize, usize),
+    buf: &mut [T],
+) {
+    let (ho, wo) = (out_side(h, 2), out_side(w, 2));
+    let (even, odd) = buf[..w].split_at_mut(w.div_ceil(2));
+    for (iy, row) in gx.chunks_exact_mut(w).take(h).enumerate() {
+        even.fill(T::zero());
+        odd.fill(T::zero());
+        for (ky, oy) in s2_taps(iy, ho) {
+            let g = &gy[oy * wo..(oy + 1) * wo];
+            let (k0, k1, k2) = (k[ky * 3], k[ky * 3 + 1], k[ky * 3 + 2]);
+            for (e, gv) in even.iter_mut().zip(g) {
+                *e += k1 * *gv;
+            }
+            for (o, gv) in odd.iter_mut().zip(&g[1..]) {
+                *o += k0 * *gv;
+            }
+            for (o, gv) in odd.iter_mut().zip(g) {
+                *o += k2 * *gv;
+            }
+        }
+        for (m, pair) in row.chunks_mut(2).enumerate() {
+            pair[0].write(even[m]);
+            if let Some(v) = pair.get_mut(1) {
+                v.write(odd[m]);
+            }
+        }
+    }
+}
+
+/// Stride-2 weight gradient of one plane, added to `gk`: tap `(ky, kx)` pairs output column `ox`
+/// with input column `2·ox + kx − 1`, so with each input row split into its even and odd columns
+/// (in `buf`) every tap is a dot product of contiguous runs: `kx = 1` over `even[ox]`, `kx = 0`
+/// over `odd[ox − 1]`, `kx = 2` over `odd[ox]`.
+#[inline(always)]
+fn bwd_weight_plane_s2<T: WithDType>(
+    x: &[T],
+    gy: &[T],
+    gk: &mut [T; 9],
+    (h, w): (usize, usize),
+    buf: &mut [T],
+) {
+    let (ho, wo) = (out_side(h, 2), out_side(w, 2));
+    let (even, odd) = buf[..w].split_at_mut(w.div_ceil(2));
+    let (left, right) = ((wo - 1).min(odd.len()), odd.len().min(wo));
+    for (iy, row) in x.chunks_exact(w).take(h).enumerate() {
+        for (m, pair) in row.chunks(2).enumerate() {
+            even[m] = pair[0];
+            if let Some(v) = pair.get(1) {
+                odd[m] = *v;
+            }
+        }
+        for (ky, oy) in s2_taps(iy, ho) {
+            let g = &gy[oy * wo..(oy + 1) * wo];
+            gk[ky * 3] += dot(&odd[..left], &g[1..1 + left]);
+            gk[ky * 3 + 1] += dot(&even[..wo], g);
+            gk[ky * 3 + 2] += dot(&odd[..right], &g[..right]);
         }
     }
 }
@@ -398,15 +479,30 @@ impl DwBwdInput {
     fn run<T: WithDType>(&self, gs: &[T], gl: &Layout, ks: &[T]) -> Result<(Vec<T>, Shape)> {
         let (n, c, ho, wo) = self.grad_dims(gl)?;
         let (h, w) = (self.h, self.w);
-        let mut gx = vec![T::zero(); n * c * h * w];
-        gx.par_chunks_mut(h * w).enumerate().for_each(|(p, gp)| {
-            let ch = p % c;
-            let (g, k) = (&gs[p * ho * wo..(p + 1) * ho * wo], &ks[ch * 9..ch * 9 + 9]);
-            super::simd::vectorized(
-                #[inline(always)]
-                || bwd_input_plane(g, k, gp, h, w, self.stride),
-            );
-        });
+        let fill = |gx: &mut [MaybeUninit<T>]| {
+            let setup = || vec![T::zero(); w];
+            gx.par_chunks_mut(h * w).enumerate().for_each_init(setup, |buf, (p, gp)| {
+                let ch = p % c;
+                let (g, k) = (&gs[p * ho * wo..(p + 1) * ho * wo], &ks[ch * 9..ch * 9 + 9]);
+                super::simd::vectorized(
+                    #[inline(always)]
+                    || match self.stride {
+                        2 => bwd_input_plane_s2(g, k, gp, (h, w), buf),
+                        s => {
+                            for v in gp.iter_mut() {
+                                v.write(T::zero());
+                            }
+                            // SAFETY: every value was just initialised.
+                            let gp = unsafe { &mut *(gp as *mut [MaybeUninit<T>] as *mut [T]) };
+                            bwd_input_plane(g, k, gp, h, w, s)
+                        }
+                    },
+                );
+            });
+        };
+        // SAFETY: the planes cover the buffer and each is written whole (stride 2 writes every
+        // value once; other strides fill the plane with zeros first).
+        let gx = unsafe { super::written(n * c * h * w, fill) };
         Ok((gx, Shape::from((n, c, h, w))))
     }
 }
@@ -495,7 +591,8 @@ impl DwBwdWeight {
         // One 9-tap partial per channel, accumulated over the batch inside each task so no
         // reduction across threads is needed.
         let mut gk = vec![T::zero(); c * 9];
-        gk.par_chunks_mut(9).enumerate().for_each(|(ch, gc)| {
+        let setup = || vec![T::zero(); w];
+        gk.par_chunks_mut(9).enumerate().for_each_init(setup, |buf, (ch, gc)| {
             let mut acc = [T::zero(); 9];
             super::simd::vectorized(
                 #[inline(always)]
@@ -503,7 +600,10 @@ impl DwBwdWeight {
                     for b in 0..n {
                         let p = b * c + ch;
                         let (x, g) = (&xs[p * h * w..(p + 1) * h * w], &gs[p * ho * wo..(p + 1) * ho * wo]);
-                        bwd_weight_plane(x, g, &mut acc, h, w, self.stride);
+                        match self.stride {
+                            2 => bwd_weight_plane_s2(x, g, &mut acc, (h, w), buf),
+                            s => bwd_weight_plane(x, g, &mut acc, h, w, s),
+                        }
                     }
                 },
             );
@@ -754,7 +854,7 @@ mod tests {
 
     #[test]
     fn gradients_match_finite_differences() -> Result<()> {
-        for (h, w) in [(5, 5), (4, 4), (5, 3)] {
+        for (h, w) in [(5, 5), (4, 4), (5, 3), (2, 3), (1, 4), (6, 1)] {
             for stride in [1, 2] {
                 let x = rand_var((2, 2, h, w), 1)?;
                 let k = rand_var((2, 1, 3, 3), 2)?;
