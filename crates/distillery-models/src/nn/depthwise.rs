@@ -89,33 +89,26 @@ fn fwd_plane<T: WithDType>(x: &[T], k: &[T], y: &mut [T], h: usize, w: usize, s:
     }
 }
 
+/// Stride-1 input gradient of one plane (the generic path; f32 takes [`planes_f32`]).
 #[inline(always)]
-fn bwd_input_plane<T: WithDType>(gy: &[T], k: &[T], gx: &mut [T], h: usize, w: usize, s: usize) {
-    let wo = out_side(w, s);
-    let ho = out_side(h, s);
+fn bwd_input_plane_s1<T: WithDType>(gy: &[T], k: &[T], gx: &mut [T], h: usize, w: usize) {
     for v in gx.iter_mut() {
         *v = T::zero();
     }
-    for oy in 0..ho {
-        let grow = &gy[oy * wo..(oy + 1) * wo];
+    for oy in 0..h {
+        let grow = &gy[oy * w..(oy + 1) * w];
         for ky in 0..3 {
-            let iy = oy * s + ky;
+            let iy = oy + ky;
             if iy == 0 || iy > h {
                 continue;
             }
             let xrow = &mut gx[(iy - 1) * w..iy * w];
             for kx in 0..3 {
                 let kv = k[ky * 3 + kx];
-                let (lo, hi) = ox_range(kx, s, w, wo);
-                if s == 1 {
-                    let xs = &mut xrow[lo + kx - 1..hi + kx - 1];
-                    for (xv, gv) in xs.iter_mut().zip(&grow[lo..hi]) {
-                        *xv += kv * *gv;
-                    }
-                } else {
-                    for (ox, gv) in grow.iter().enumerate().take(hi).skip(lo) {
-                        xrow[ox * s + kx - 1] += kv * *gv;
-                    }
+                let (lo, hi) = ox_range(kx, 1, w, w);
+                let xs = &mut xrow[lo + kx - 1..hi + kx - 1];
+                for (xv, gv) in xs.iter_mut().zip(&grow[lo..hi]) {
+                    *xv += kv * *gv;
                 }
             }
         }
@@ -222,29 +215,21 @@ fn dot<T: WithDType>(a: &[T], b: &[T]) -> T {
     acc.iter().fold(sum, |s, v| s + *v)
 }
 
+/// Stride-1 weight gradient of one plane, added to `gk` (the generic path; f32 takes
+/// [`same_weight_grad`]).
 #[inline(always)]
-fn bwd_weight_plane<T: WithDType>(x: &[T], gy: &[T], gk: &mut [T; 9], h: usize, w: usize, s: usize) {
-    let wo = out_side(w, s);
-    let ho = out_side(h, s);
-    for oy in 0..ho {
-        let grow = &gy[oy * wo..(oy + 1) * wo];
+fn bwd_weight_plane_s1<T: WithDType>(x: &[T], gy: &[T], gk: &mut [T; 9], h: usize, w: usize) {
+    for oy in 0..h {
+        let grow = &gy[oy * w..(oy + 1) * w];
         for ky in 0..3 {
-            let iy = oy * s + ky;
+            let iy = oy + ky;
             if iy == 0 || iy > h {
                 continue;
             }
             let xrow = &x[(iy - 1) * w..iy * w];
             for kx in 0..3 {
-                let (lo, hi) = ox_range(kx, s, w, wo);
-                let mut acc = T::zero();
-                if s == 1 {
-                    acc = dot(&xrow[lo + kx - 1..hi + kx - 1], &grow[lo..hi]);
-                } else {
-                    for (ox, gv) in grow.iter().enumerate().take(hi).skip(lo) {
-                        acc += xrow[ox * s + kx - 1] * *gv;
-                    }
-                }
-                gk[ky * 3 + kx] += acc;
+                let (lo, hi) = ox_range(kx, 1, w, w);
+                gk[ky * 3 + kx] += dot(&xrow[lo + kx - 1..hi + kx - 1], &grow[lo..hi]);
             }
         }
     }
@@ -486,15 +471,16 @@ impl DwBwdInput {
                 let (g, k) = (&gs[p * ho * wo..(p + 1) * ho * wo], &ks[ch * 9..ch * 9 + 9]);
                 super::simd::vectorized(
                     #[inline(always)]
+                    // The stride is 1 or 2 (checked where the forward op is built).
                     || match self.stride {
                         2 => bwd_input_plane_s2(g, k, gp, (h, w), buf),
-                        s => {
+                        _ => {
                             for v in gp.iter_mut() {
                                 v.write(T::zero());
                             }
                             // SAFETY: every value was just initialised.
                             let gp = unsafe { &mut *(gp as *mut [MaybeUninit<T>] as *mut [T]) };
-                            bwd_input_plane(g, k, gp, h, w, s)
+                            bwd_input_plane_s1(g, k, gp, h, w)
                         }
                     },
                 );
@@ -600,9 +586,10 @@ impl DwBwdWeight {
                     for b in 0..n {
                         let p = b * c + ch;
                         let (x, g) = (&xs[p * h * w..(p + 1) * h * w], &gs[p * ho * wo..(p + 1) * ho * wo]);
+                        // The stride is 1 or 2 (checked where the forward op is built).
                         match self.stride {
                             2 => bwd_weight_plane_s2(x, g, &mut acc, (h, w), buf),
-                            s => bwd_weight_plane(x, g, &mut acc, h, w, s),
+                            _ => bwd_weight_plane_s1(x, g, &mut acc, h, w),
                         }
                     }
                 },

@@ -476,6 +476,10 @@ fn conv_bn_chain_train_cpu(x: &Tensor, stages: &[ConvBn<'_>], residual: bool) ->
         weights.push(weight.clone());
         params.extend([st.bn.weight.clone(), st.bn.bias.clone()]);
     }
+    // Nothing to fuse, or parameters the concatenations below could not join.
+    if stages.is_empty() || weights.iter().chain(&params).any(|t| t.dtype() != x.dtype()) {
+        return Ok(None);
+    }
     let weights = match weights.as_slice() {
         [w] => w.clone(),
         ws => Tensor::cat(&ws.iter().map(Tensor::flatten_all).collect::<Result<Vec<_>>>()?, 0)?,
