@@ -38,6 +38,8 @@ use candle_core::{
     backend::BackendStorage, bail,
 };
 use std::mem::MaybeUninit;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
 
 use candle_nn::{Init, VarBuilder};
 use rayon::prelude::*;
@@ -69,22 +71,93 @@ pub fn with_portable_layers<T>(f: impl FnOnce() -> T) -> T {
 /// caller sleeps until it is done, two context switches per kernel (a third of a face-api batch
 /// of one image on two cores). This thread's [`with_portable_layers`] setting and MAC counting
 /// ([`cost::count`]) carry over. Already on a worker, `f` simply runs.
+///
+/// While `f` runs, the pool's other workers are kept awake ([`keep_awake`]): between two of a
+/// model's kernels a rayon worker goes to sleep, and waking it takes 10–30 µs, as long as a whole
+/// kernel of a small model at batch 1.
 pub fn on_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
     if rayon::current_thread_index().is_some() {
         return f();
     }
     let portable = PORTABLE.with(|p| p.get());
     let counting = cost::counting();
+    let done = AtomicBool::new(false);
     // The worker may be waiting inside other work (another caller's, which it runs while it
     // waits): the settings are swapped in for `f` alone and the worker's own put back after.
-    let (r, macs) = rayon::scope(|_| {
+    let (r, macs) = rayon::scope(|s| {
+        for _ in 1..rayon::current_num_threads() {
+            s.spawn(|_| keep_awake(&done));
+        }
+        let _running = RunningF::enter();
         let outer = PORTABLE.with(|p| p.replace(portable));
         let out = cost::isolated(counting, f);
         PORTABLE.with(|p| p.set(outer));
+        done.store(true, Ordering::Release);
         out
     });
     cost::record(macs);
     r
+}
+
+/// How long a worker kept awake by [`on_pool`] goes on looking for work that does not come before
+/// it returns to rayon's own waiting (and sleeping).
+const KEEP_AWAKE_IDLE: Duration = Duration::from_millis(1);
+
+/// Workers currently kept awake by [`on_pool`], see [`workers_kept_awake`].
+static KEPT_AWAKE: AtomicUsize = AtomicUsize::new(0);
+
+/// How many rayon workers [`on_pool`] calls (all of this process's) are keeping awake now.
+pub fn workers_kept_awake() -> usize {
+    KEPT_AWAKE.load(Ordering::Relaxed)
+}
+
+thread_local! {
+    /// How many [`on_pool`] closures are running on this thread (nested, when a worker waiting
+    /// inside one runs another caller's).
+    static RUNNING_F: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// Marks an [`on_pool`] closure as running on this thread until dropped.
+struct RunningF;
+
+impl RunningF {
+    fn enter() -> Self {
+        RUNNING_F.with(|r| r.set(r.get() + 1));
+        Self
+    }
+}
+
+impl Drop for RunningF {
+    fn drop(&mut self) {
+        RUNNING_F.with(|r| r.set(r.get() - 1));
+    }
+}
+
+/// Runs the pool's pending work (its own queue, the other workers', then work injected from
+/// outside) until `done`, spinning where there is none, instead of going to sleep between the
+/// kernels of one [`on_pool`] call.
+///
+/// A worker waiting inside a closure of [`on_pool`] (for one of its loops) runs whatever work it
+/// finds, this job included; the job then returns at once, because waiting here for `done` would
+/// bury that closure, perhaps the very one that sets `done`, beneath a wait for it. It returns
+/// too after [`KEEP_AWAKE_IDLE`] without work, so a caller that nests in some other way costs a
+/// millisecond, not a hang.
+fn keep_awake(done: &AtomicBool) {
+    if RUNNING_F.with(|r| r.get()) > 0 {
+        return;
+    }
+    KEPT_AWAKE.fetch_add(1, Ordering::Relaxed);
+    let mut idle_since: Option<Instant> = None;
+    while !done.load(Ordering::Acquire) {
+        if rayon::yield_now() == Some(rayon::Yield::Executed) {
+            idle_since = None;
+        } else if idle_since.get_or_insert_with(Instant::now).elapsed() > KEEP_AWAKE_IDLE {
+            break;
+        } else {
+            std::hint::spin_loop();
+        }
+    }
+    KEPT_AWAKE.fetch_sub(1, Ordering::Relaxed);
 }
 
 /// Whether a layer takes its hand-written CPU kernel for `t`: a CPU tensor, outside
