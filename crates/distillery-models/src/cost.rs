@@ -14,9 +14,8 @@ thread_local! {
 
 /// Runs `f` and returns its result with the MACs recorded while it ran (on this thread).
 pub fn count<R>(f: impl FnOnce() -> R) -> (R, u64) {
-    let outer = MACS.with(|m| m.replace(Some(0)));
-    let r = f();
-    let n = MACS.with(|m| m.replace(outer)).unwrap_or(0);
+    let outer = MACS.with(|m| m.get());
+    let (r, n) = isolated(true, f);
     if let Some(o) = outer {
         MACS.with(|m| m.set(Some(o + n)));
     }
@@ -33,9 +32,17 @@ pub fn counting() -> bool {
 /// behalf of another thread, which may be in the middle of other work of its own. Returns the
 /// MACs `f` recorded (0 when not counting).
 pub(crate) fn isolated<R>(counting: bool, f: impl FnOnce() -> R) -> (R, u64) {
-    let before = MACS.with(|m| m.replace(counting.then_some(0)));
+    /// Puts this thread's own count back, also when `f` unwinds.
+    struct Restore(Option<u64>);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            MACS.with(|m| m.set(self.0));
+        }
+    }
+    let restore = Restore(MACS.with(|m| m.replace(counting.then_some(0))));
     let r = f();
-    let n = MACS.with(|m| m.replace(before)).unwrap_or(0);
+    let n = MACS.with(|m| m.get()).unwrap_or(0);
+    drop(restore);
     (r, n)
 }
 

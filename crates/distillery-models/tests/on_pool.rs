@@ -1,11 +1,12 @@
 //! `nn::on_pool` keeps the pool's other workers awake while its closure runs, and lets them go
-//! when it ends, also when several callers' work nests on the same workers. A binary of its own,
+//! when it ends, also when several callers' work nests on the same workers or the closure panics. A binary of its own,
 //! so that its global pool (three threads) serves these calls alone and the count of kept-awake
 //! workers is theirs.
 
 use std::time::{Duration, Instant};
 
-use distillery_models::nn::{on_pool, workers_kept_awake};
+use distillery_models::cost;
+use distillery_models::nn::{on_pool, portable_layers, with_portable_layers, workers_kept_awake};
 use rayon::prelude::*;
 
 /// Waits, at most `limit`, for `cond`; whether it came true.
@@ -55,4 +56,26 @@ fn other_workers_stay_awake_while_f_runs_and_leave_when_it_ends() {
         }
     });
     assert_eq!(workers_kept_awake(), 0, "a worker still kept awake after the callers ended");
+
+    // A panic in `f` reaches the caller, and the worker that ran `f` has its own settings back
+    // (not the caller's MAC counting and portable layers), as has the caller.
+    let caught = std::panic::catch_unwind(|| {
+        cost::count(|| {
+            with_portable_layers(|| {
+                on_pool(|| {
+                    assert!(
+                        cost::counting() && portable_layers(),
+                        "the caller's settings did not carry over"
+                    );
+                    panic!("a failing model call");
+                })
+            })
+        })
+    });
+    let message = caught.expect_err("the panic was lost").downcast::<&str>().map(|m| *m);
+    assert_eq!(message.ok(), Some("a failing model call"));
+    assert!(!cost::counting() && !portable_layers(), "the caller kept the settings of its unwound call");
+    let settings = rayon::broadcast(|_| (cost::counting(), portable_layers()));
+    assert!(settings.iter().all(|&s| s == (false, false)), "workers' (counting, portable): {settings:?}");
+    assert_eq!(workers_kept_awake(), 0, "a worker still kept awake after a panicking call");
 }

@@ -52,6 +52,12 @@ thread_local! {
     static PORTABLE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
+/// Whether this thread's training layers take their portable paths (inside
+/// [`with_portable_layers`]).
+pub fn portable_layers() -> bool {
+    PORTABLE.with(|p| p.get())
+}
+
 /// Runs `f` with this thread's training layers on their portable paths (compositions of candle
 /// ops, what GPUs run) even on the CPU, so those paths can be checked against the CPU kernels on
 /// machines without a GPU.
@@ -72,9 +78,10 @@ pub fn with_portable_layers<T>(f: impl FnOnce() -> T) -> T {
 /// of one image on two cores). This thread's [`with_portable_layers`] setting and MAC counting
 /// ([`cost::count`]) carry over. Already on a worker, `f` simply runs.
 ///
-/// While `f` runs, the pool's other workers are kept awake ([`keep_awake`]): between two of a
-/// model's kernels a rayon worker goes to sleep, and waking it takes 10–30 µs, as long as a whole
-/// kernel of a small model at batch 1.
+/// While `f` runs, the pool's other workers are kept awake: between two of a model's kernels a
+/// rayon worker goes to sleep, and waking it takes 10–30 µs, as long as a whole kernel of a small
+/// model at batch 1. They are let go when `f` returns or unwinds ([`workers_kept_awake`] counts
+/// them). A panic in `f` reaches the caller, and the worker's own settings are put back first.
 pub fn on_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
     if rayon::current_thread_index().is_some() {
         return f();
@@ -89,14 +96,25 @@ pub fn on_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
             s.spawn(|_| keep_awake(&done));
         }
         let _running = RunningF::enter();
-        let outer = PORTABLE.with(|p| p.replace(portable));
-        let out = cost::isolated(counting, f);
-        PORTABLE.with(|p| p.set(outer));
-        done.store(true, Ordering::Release);
-        out
+        let _finish = Finish { done: &done, portable: PORTABLE.with(|p| p.replace(portable)) };
+        cost::isolated(counting, f)
     });
     cost::record(macs);
     r
+}
+
+/// Ends an [`on_pool`] closure when dropped, also when it unwinds: puts the worker's own
+/// portable-layers setting back and lets the workers kept awake for it go.
+struct Finish<'a> {
+    done: &'a AtomicBool,
+    portable: bool,
+}
+
+impl Drop for Finish<'_> {
+    fn drop(&mut self) {
+        PORTABLE.with(|p| p.set(self.portable));
+        self.done.store(true, Ordering::Release);
+    }
 }
 
 /// How long a worker kept awake by [`on_pool`] goes on looking for work that does not come before
