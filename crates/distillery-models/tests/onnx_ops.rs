@@ -1064,3 +1064,144 @@ fn add_chains_fold_into_one_sum_without_changing_values() -> R {
     assert!(d < 1e-5, "t2 max diff {d}");
     Ok(())
 }
+
+/// An input normalisation `(x − mean)·scale` before a convolution with asymmetric pads (face-api's
+/// first layer), and `(k·x)/d` before one with symmetric pads: planning folds the elementwise
+/// nodes into the convolution (one step), which pads after them as the graph does (zeros of the
+/// normalised input), with the same values as the unfused plan, bit for bit, and as the naive
+/// loops. Nodes that do not fit (a constant on the left of `Sub`, a constant of another shape)
+/// stay and keep their values.
+#[test]
+fn per_channel_input_ops_fold_into_the_convolution_after_them() -> R {
+    let (n, c, co, h, w) = (2, 3, 5, 9, 8);
+    let xv: Vec<f32> = values(n * c * h * w, 61).iter().map(|v| 127.5 * (v + 1.0)).collect();
+    let (kv, bv) = (values(co * c * 9, 62), values(co, 63));
+    let mean = [122.782f32, 117.001, 104.298];
+    let x = Tensor::from_vec(xv.clone(), vec![n, c, h, w], &Device::Cpu)?;
+    let conv = |input: &str, pads: [i64; 4], stride: i64| {
+        node(
+            "Conv",
+            "conv",
+            &[input, "w", "b"],
+            &["y0"],
+            vec![attr_ints("pads", &pads), attr_ints("strides", &[stride, stride])],
+        )
+    };
+    let inits = |extra: Vec<TensorProto>| {
+        let mut v = vec![
+            init_f32_raw("w", &[co as i64, c as i64, 3, 3], &kv),
+            init_f32("b", &[co as i64], bv.clone()),
+        ];
+        v.extend(extra);
+        v
+    };
+    // (nodes, constants, steps after planning, the normalised input the naive loops see, pads, stride)
+    type Case = (Vec<NodeProto>, Vec<TensorProto>, usize, Vec<f32>, [usize; 4], usize);
+    let per_channel = |f: &dyn Fn(f32, usize) -> f32| -> Vec<f32> {
+        xv.iter().enumerate().map(|(i, &v)| f(v, (i / (h * w)) % c)).collect()
+    };
+    let cases: Vec<Case> = vec![
+        (
+            vec![
+                node("Sub", "sub", &["x", "mean"], &["s"], vec![]),
+                node("Mul", "mul", &["s", "inv"], &["m"], vec![]),
+                conv("m", [0, 0, 1, 1], 2),
+                node("Relu", "relu", &["y0"], &["y"], vec![]),
+            ],
+            inits(vec![
+                init_f32("mean", &[1, c as i64, 1, 1], mean.to_vec()),
+                init_f32("inv", &[1], vec![1.0 / 255.0]),
+            ]),
+            1,
+            per_channel(&|v, ch| (v - mean[ch]) * (1.0 / 255.0)),
+            [0, 0, 1, 1],
+            2,
+        ),
+        (
+            vec![
+                node("Mul", "mul", &["k", "x"], &["s"], vec![]),
+                node("Div", "div", &["s", "d"], &["m"], vec![]),
+                conv("m", [1, 1, 1, 1], 1),
+                node("Relu", "relu", &["y0"], &["y"], vec![]),
+            ],
+            inits(vec![
+                init_f32("k", &[], vec![0.5]),
+                init_f32("d", &[c as i64, 1, 1], vec![3.0, 7.0, 11.0]),
+            ]),
+            1,
+            per_channel(&|v, ch| (0.5 * v) / [3.0f32, 7.0, 11.0][ch]),
+            [1, 1, 1, 1],
+            1,
+        ),
+        (
+            // `mean − x` does not fold (the constant is on the left of a Sub); the Mul after it does.
+            vec![
+                node("Sub", "sub", &["mean", "x"], &["s"], vec![]),
+                node("Mul", "mul", &["s", "inv"], &["m"], vec![]),
+                conv("m", [1, 0, 0, 1], 1),
+                node("Relu", "relu", &["y0"], &["y"], vec![]),
+            ],
+            inits(vec![
+                init_f32("mean", &[1, c as i64, 1, 1], mean.to_vec()),
+                init_f32("inv", &[1], vec![0.01]),
+            ]),
+            2,
+            per_channel(&|v, ch| (mean[ch] - v) * 0.01),
+            [1, 0, 0, 1],
+            1,
+        ),
+        (
+            // A constant per column, not per channel: stays a node of its own.
+            vec![
+                node("Add", "add", &["x", "cols"], &["m"], vec![]),
+                conv("m", [1, 1, 1, 1], 2),
+                node("Relu", "relu", &["y0"], &["y"], vec![]),
+            ],
+            inits(vec![init_f32("cols", &[1, 1, 1, w as i64], (0..w).map(|i| i as f32).collect())]),
+            2,
+            xv.iter().enumerate().map(|(i, &v)| v + (i % w) as f32).collect(),
+            [1, 1, 1, 1],
+            2,
+        ),
+    ];
+    for (case, (nodes, consts, steps, normalised, pads, stride)) in cases.into_iter().enumerate() {
+        let m = model(nodes, consts, &["x"], &["y"], 13);
+        let g = OnnxGraph::from_model(&m, &Device::Cpu)?;
+        assert_eq!(g.num_steps(), steps, "case {case}: steps after planning");
+        let fused = g.run(&[("x", &x)], &["y"])?.remove(0);
+        // Asking for the normalised input runs the unfused plan.
+        let unfused = g.run(&[("x", &x)], &["m", "y"])?;
+        let got_m = unfused[0].flatten_all()?.to_vec1::<f32>()?;
+        assert_eq!(got_m, normalised, "case {case}: the normalised input by name");
+        let (want, dims) = naive_conv(
+            &normalised,
+            [n, c, h, w],
+            &kv,
+            [co, c, 3, 3],
+            Some(&bv),
+            1,
+            [stride, stride],
+            [1, 1],
+            pads,
+        );
+        let want: Vec<f32> = want.iter().map(|v| v.max(0.0)).collect();
+        assert_eq!(fused.dims(), &dims, "case {case}");
+        let fused = fused.flatten_all()?.to_vec1::<f32>()?;
+        assert_eq!(
+            fused,
+            unfused[1].flatten_all()?.to_vec1::<f32>()?,
+            "case {case}: fused and unfused plans differ"
+        );
+        // Relative to the outputs' size (the un-normalised input of the last case gives hundreds).
+        let tol = 1e-6 * want.iter().fold(100f32, |m, v| m.max(v.abs()));
+        let d = max_diff(&fused, &want);
+        assert!(d < tol, "case {case}: max diff {d} from the naive loops");
+        // A strided input (not contiguous) takes the broadcast ops instead of the one-pass copy.
+        let wide = Tensor::cat(&[&x, &x], 3)?.narrow(3, 0, w)?;
+        assert!(!wide.is_contiguous());
+        let strided = g.run(&[("x", &wide)], &["y"])?.remove(0).flatten_all()?.to_vec1::<f32>()?;
+        let d = max_diff(&strided, &want);
+        assert!(d < tol, "case {case}: strided input max diff {d}");
+    }
+    Ok(())
+}

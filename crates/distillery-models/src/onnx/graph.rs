@@ -8,7 +8,7 @@ use candle_onnx::onnx::{ModelProto, NodeProto};
 use prost::Message;
 
 use super::OnnxError;
-use super::kernels::{HostConv, Separable};
+use super::kernels::{HostConv, InputOps, Separable};
 use super::ops::{BinOp, Op, ParseError, UnaryOp};
 use super::proto::tensor_from_proto;
 
@@ -105,7 +105,8 @@ impl OnnxGraph {
     }
 
     /// Plans for speed: the constant weights of every convolution are flattened on the host once;
-    /// a `Relu` whose input nothing else reads is folded into the `Conv` or `Add` producing it
+    /// `Add`/`Sub`/`Mul`/`Div` nodes with a per-channel constant whose result only a convolution
+    /// reads are folded into its input (one pass with its padding); a `Relu` whose input nothing else reads is folded into the `Conv` or `Add` producing it
     /// (one pass over the data instead of two, one tensor fewer); then a depthwise `Conv` whose
     /// output only a 1×1 `Conv` reads is folded into it (its output is never stored); then
     /// chains of `Add`s become n-ary sums, and each sum is folded into the convolution producing
@@ -126,11 +127,12 @@ impl OnnxGraph {
             })?;
         }
         let before = (self.steps.clone(), self.producer.clone());
+        let inputs = self.fold_input_ops();
         let relus = self.fold_relus();
         let separables = self.fold_separables();
         let chains = self.fold_add_chains();
         let sums = self.fold_sums();
-        if relus + separables + chains + sums > 0 {
+        if inputs + relus + separables + chains + sums > 0 {
             self.exact = Some(before);
         }
         Ok(())
@@ -149,6 +151,73 @@ impl OnnxGraph {
             }
         }
         uses.into_iter().map(|u| u == 1).collect()
+    }
+
+    /// Folds the chain of `Add`, `Sub`, `Mul` and `Div` nodes with a constant per channel (or one
+    /// constant) that leads into a 2-D `Conv`, each node's result read by the next alone, into
+    /// that convolution's input ([`InputOps`]): an input normalisation such as
+    /// `(x − mean)·scale` then costs one pass with the padding instead of a pass per node.
+    /// Constants must be the second operand of `Sub` and `Div`. Returns how many nodes folded.
+    fn fold_input_ops(&mut self) -> usize {
+        let single = self.single_reader_slots();
+        let constant = |s: usize| self.constants[s].as_ref();
+        let mut folds = Vec::new();
+        for (i, st) in self.steps.iter().enumerate() {
+            let Op::Conv(attrs, extras) = &st.op else { continue };
+            let (Some(Some(x)), Some(w)) = (st.inputs.first().copied(), st.inputs.get(1).copied().flatten())
+            else {
+                continue;
+            };
+            let Some(w) = constant(w).filter(|w| w.rank() == 4) else { continue };
+            if extras.input.is_some() {
+                continue;
+            }
+            // Back from the convolution's input: (node, data input, op, constant), nearest first.
+            let mut chain = Vec::new();
+            let mut slot = x;
+            while let Some(p) = self.producer[slot] {
+                let node = &self.steps[p];
+                let Op::Binary(op) = node.op else { break };
+                if !single[slot] || node.outputs.len() != 1 || node.inputs.len() != 2 {
+                    break;
+                }
+                let (Some(a), Some(b)) = (node.inputs[0], node.inputs[1]) else { break };
+                let commutes = matches!(op, BinOp::Add | BinOp::Mul);
+                let (data, k) = match (constant(a), constant(b)) {
+                    (None, Some(k)) => (a, k),
+                    (Some(k), None) if commutes => (b, k),
+                    _ => break,
+                };
+                chain.push((p, data, op, k.clone()));
+                slot = data;
+            }
+            // The longest run next to the convolution whose constants fit.
+            while !chain.is_empty() {
+                let steps: Vec<(BinOp, Tensor)> =
+                    chain.iter().rev().map(|(_, _, op, k)| (*op, k.clone())).collect();
+                if let Some(ops) = InputOps::try_new(&steps, attrs, w) {
+                    folds.push((
+                        i,
+                        chain.last().expect("not empty").1,
+                        ops,
+                        chain.iter().map(|c| c.0).collect::<Vec<_>>(),
+                    ));
+                    break;
+                }
+                chain.pop();
+            }
+        }
+        let mut removed = vec![false; self.steps.len()];
+        for (i, data, ops, nodes) in folds {
+            let names: Vec<String> = nodes.iter().rev().map(|&p| self.steps[p].op_type.clone()).collect();
+            nodes.iter().for_each(|&p| removed[p] = true);
+            let st = &mut self.steps[i];
+            let Op::Conv(_, extras) = &mut st.op else { unreachable!("a Conv step") };
+            extras.input = Some(ops);
+            st.inputs[0] = Some(data);
+            st.op_type = format!("{}>{}", names.join(">"), st.op_type);
+        }
+        self.drop_steps(&removed)
     }
 
     /// Folds each `Relu` into the `Conv` or `Add` whose output only it reads; returns how many.

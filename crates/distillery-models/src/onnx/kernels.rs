@@ -15,6 +15,7 @@ use std::mem::MaybeUninit;
 use candle_core::{DType, Result, Tensor, bail};
 use rayon::prelude::*;
 
+use super::ops::BinOp;
 use super::proto::Attrs;
 use crate::cost;
 use crate::nn::fastconv::{self, ConvGeom, DepthwiseStage, Epilogue, FusedConv};
@@ -83,15 +84,136 @@ impl ConvAttrs {
 
 /// What a `Conv` node carries beyond its attributes once the graph is planned: its constant
 /// weights and bias flattened on the host (read per batch by the CPU kernels instead of being
-/// copied out of their tensors every time), a ReLU fused from the node that followed it (after
-/// any fused sum), and whether a fused sum goes to a second output.
+/// copied out of their tensors every time), the elementwise ops folded into its input, a ReLU
+/// fused from the node that followed it (after any fused sum), and whether a fused sum goes to a
+/// second output.
 #[derive(Clone, Debug, Default)]
 pub(crate) struct ConvExtras {
     pub(crate) host: Option<HostConv>,
+    pub(crate) input: Option<InputOps>,
     pub(crate) relu: bool,
     /// The node's outputs are the convolution's own output and then the ReLU of its sum with
     /// the operands planning fused into it (inputs 3..), instead of that ReLU alone.
     pub(crate) keep_own: bool,
+}
+
+/// Elementwise ops with a constant per input channel (or one for all), such as an input
+/// normalisation `(x − mean)·scale`, that planning folded into the convolution reading their
+/// result: they run in order on the convolution's input before its zero padding. On the CPU the
+/// ops and the padding are one pass over the input (instead of one pass per op, and asymmetric
+/// pads as two copies more); elsewhere they run as the graph's own broadcast ops. Same operations
+/// in the same order as the unfused nodes, so the same values.
+#[derive(Clone, Debug)]
+pub(crate) struct InputOps {
+    steps: Vec<InputStep>,
+}
+
+#[derive(Clone, Debug)]
+struct InputStep {
+    op: BinOp,
+    /// The constant as the graph holds it (broadcasting over `[n, c, h, w]`).
+    k: Tensor,
+    /// Its values on the host, one or one per channel; `None` off the CPU or for other dtypes.
+    host: Option<Vec<f32>>,
+}
+
+impl InputOps {
+    /// The ops `steps` (in the order they run, each `x ∘ k`) for the input of a 2-D convolution
+    /// with `attrs` and weights `w`, when every constant holds one value or one per input channel
+    /// (so the result keeps the input's shape).
+    pub(crate) fn try_new(steps: &[(BinOp, Tensor)], attrs: &ConvAttrs, w: &Tensor) -> Option<Self> {
+        let (_, c_in_g, _, _) = w.dims4().ok()?;
+        let c = c_in_g * attrs.group;
+        let per_channel = |k: &Tensor| {
+            let d = k.dims();
+            k.elem_count() == 1
+                || (d.len() >= 3 && d.len() <= 4 && d[d.len() - 3] == c && k.elem_count() == c)
+        };
+        if steps.is_empty() || steps.iter().any(|(_, k)| !per_channel(k)) {
+            return None;
+        }
+        let host = |k: &Tensor| {
+            (k.device().is_cpu() && k.dtype() == DType::F32)
+                .then(|| k.flatten_all()?.to_vec1::<f32>())
+                .transpose()
+        };
+        let steps = steps
+            .iter()
+            .map(|(op, k)| Ok(InputStep { op: *op, k: k.clone(), host: host(k)? }))
+            .collect::<Result<Vec<_>>>()
+            .ok()?;
+        Some(Self { steps })
+    }
+
+    /// The ops applied to `x` through candle (broadcasting), for inputs the CPU pass does not take.
+    fn apply(&self, x: &Tensor) -> Result<Tensor> {
+        let mut y = x.clone();
+        for st in &self.steps {
+            y = match st.op {
+                BinOp::Add => y.broadcast_add(&st.k)?,
+                BinOp::Sub => y.broadcast_sub(&st.k)?,
+                BinOp::Mul => y.broadcast_mul(&st.k)?,
+                BinOp::Div => y.broadcast_div(&st.k)?,
+            };
+        }
+        Ok(y)
+    }
+
+    /// The ops applied to a contiguous CPU f32 `[n, c, h, w]` input, which is then padded with
+    /// zeros by `pads` (top, left, bottom, right), in one pass; `None` for other inputs.
+    fn apply_padded_cpu(&self, x: &Tensor, pads: [usize; 4]) -> Option<Result<Tensor>> {
+        let (n, c, h, w) = x.dims4().ok()?;
+        let ks: Vec<(BinOp, &[f32])> =
+            self.steps.iter().map(|st| Some((st.op, st.host.as_deref()?))).collect::<Option<_>>()?;
+        if ks.iter().any(|(_, k)| k.len() != 1 && k.len() != c) {
+            return None;
+        }
+        let [top, left, bottom, right] = pads;
+        let (hp, wp) = (h + top + bottom, w + left + right);
+        let v = fastconv::cpu_f32(x, |src| {
+            let plane = |(p, (o, s)): (usize, (&mut [MaybeUninit<f32>], &[f32]))| {
+                let ch = p % c;
+                let zero = |o: &mut [MaybeUninit<f32>]| o.iter_mut().for_each(|v| _ = v.write(0.0));
+                zero(&mut o[..top * wp]);
+                zero(&mut o[(top + h) * wp..]);
+                for (row, s) in o[top * wp..(top + h) * wp].chunks_exact_mut(wp).zip(s.chunks_exact(w)) {
+                    zero(&mut row[..left]);
+                    zero(&mut row[left + w..]);
+                    let mid = &mut row[left..left + w];
+                    mid.iter_mut().zip(s).for_each(|(o, &v)| _ = o.write(v));
+                    // SAFETY: every element of `mid` was just written.
+                    let mid = unsafe { &mut *(std::ptr::from_mut(mid) as *mut [f32]) };
+                    for &(op, k) in &ks {
+                        channel_op(op, k[if k.len() == 1 { 0 } else { ch }], mid);
+                    }
+                }
+            };
+            // SAFETY: each plane of the output is written whole (pad rows, pad columns, interior).
+            unsafe {
+                nn::written(n * c * hp * wp, |o| {
+                    if o.len() < PAR_MIN {
+                        o.chunks_mut(hp * wp).zip(src.chunks(h * w)).enumerate().for_each(plane);
+                    } else {
+                        o.par_chunks_mut(hp * wp).zip(src.par_chunks(h * w)).enumerate().for_each(plane);
+                    }
+                })
+            }
+        })?;
+        Some(Tensor::from_vec(v, (n, c, hp, wp), x.device()))
+    }
+}
+
+/// `v ∘ k` in place for every value `v` of `xs`, one monomorphic loop per op (each vectorises).
+fn channel_op(op: BinOp, k: f32, xs: &mut [f32]) {
+    simd::vectorized(
+        #[inline(always)]
+        || match op {
+            BinOp::Add => xs.iter_mut().for_each(|v| *v += k),
+            BinOp::Sub => xs.iter_mut().for_each(|v| *v -= k),
+            BinOp::Mul => xs.iter_mut().for_each(|v| *v *= k),
+            BinOp::Div => xs.iter_mut().for_each(|v| *v /= k),
+        },
+    )
 }
 
 /// A convolution's weights `[c_out, c_in/group, kh, kw]` and bias, flattened f32 on the host.
@@ -303,7 +425,7 @@ fn conv2d(
     c: &ConvAttrs,
     extras: &ConvExtras,
 ) -> Result<Vec<Tensor>> {
-    let (n, c_in, h, wd) = x.dims4()?;
+    let (_, c_in, h, wd) = x.dims4()?;
     let (c_out, c_in_g, kh, kw) = w.dims4()?;
     if let Some(k) = &c.kernel_shape
         && k.as_slice() != [kh, kw]
@@ -316,6 +438,32 @@ fn conv2d(
     let [ay, ax]: [Axis; 2] = axes(&[h, wd], &[kh, kw], &c.strides, &c.dilations, &c.pads, c.auto_pad)?
         .try_into()
         .expect("two axes");
+    let Some(ops) = &extras.input else { return conv2d_planned(x, w, b, adds, c, extras, [ay, ax]) };
+    let pads = [ay.pad_begin, ax.pad_begin, ay.pad_end, ax.pad_end];
+    match ops.apply_padded_cpu(x, pads) {
+        Some(xp) => {
+            // The padding is done: the convolution runs over the padded input with none.
+            let xp = xp?;
+            let (_, _, hp, wp) = xp.dims4()?;
+            let unpadded = |a: Axis, input: usize| Axis { input, pad_begin: 0, pad_end: 0, ..a };
+            conv2d_planned(&xp, w, b, adds, c, extras, [unpadded(ay, hp), unpadded(ax, wp)])
+        }
+        None => conv2d_planned(&ops.apply(x)?, w, b, adds, c, extras, [ay, ax]),
+    }
+}
+
+/// [`conv2d`] once its input is ready (the folded input ops applied) and its axes resolved.
+fn conv2d_planned(
+    x: &Tensor,
+    w: &Tensor,
+    b: Option<&Tensor>,
+    adds: &[&Tensor],
+    c: &ConvAttrs,
+    extras: &ConvExtras,
+    [ay, ax]: [Axis; 2],
+) -> Result<Vec<Tensor>> {
+    let (n, c_in, h, wd) = x.dims4()?;
+    let (c_out, c_in_g, kh, kw) = w.dims4()?;
     let (oh, ow) = (ay.out_floor()?, ax.out_floor()?);
     let depthwise = c.group == c_in && c_in_g == 1;
     let dense_fast = c.group == 1 && ay.dilation == 1 && ax.dilation == 1;
@@ -480,6 +628,8 @@ impl Separable {
         let (dc, dcg, _, _) = dw_w.dims4().ok()?;
         let (_, pc, pkh, pkw) = pw_w.dims4().ok()?;
         let fits = dcg == 1 && dw.group == dc && pc == dc && (pkh, pkw) == (1, 1) && pw.group == 1;
+        // The one-pass path reads the depthwise input as it is.
+        let fits = fits && dw_extras.input.is_none() && pw_extras.input.is_none();
         (fits && dw_extras.host.is_some() && pw_extras.host.is_some()).then(|| Self {
             dw: dw.clone(),
             dw_w: dw_w.clone(),
