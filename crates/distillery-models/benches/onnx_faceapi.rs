@@ -2,7 +2,9 @@
 //! of the raw graph (where an optimisation would pay). `DISTILLERY_DEVICE=cuda` runs it on a GPU
 //! (a `cuda` build; see `benches/gpu.sh`).
 //!
-//! `./dev bench --bench onnx_faceapi` (needs `../shared/reference`).
+//! `./dev bench --bench onnx_faceapi` (needs `../shared/reference`); `FACEAPI_BENCH_NODES=30`
+//! lists every node. The timed batches go through the teacher (on the CPU in chunks of its
+//! `cpu_chunk` images); the per-node times are of whole batches through the graph.
 
 #![allow(clippy::print_stdout)]
 
@@ -47,6 +49,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
     }
     println!("faceapi teacher on {device_name}: {} nodes per batch after folding", t.graph().num_steps());
+    // The slowest nodes listed per batch size: `$FACEAPI_BENCH_NODES`, 8 unless set.
+    let shown = std::env::var("FACEAPI_BENCH_NODES").ok().and_then(|v| v.parse().ok()).unwrap_or(8);
     for batch in [1usize, 32] {
         let x = (Tensor::rand(0f32, 255.0, (batch, 3, 112, 112), &device)?).to_dtype(DType::F32)?;
         t.forward(&x)?; // warm-up
@@ -78,9 +82,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             slowest[i % per_run].elapsed += t.elapsed;
         }
         slowest.sort_by_key(|t| std::cmp::Reverse(t.elapsed));
-        for t in slowest.iter().take(8) {
+        for t in slowest.iter().take(shown) {
             println!(
-                "    {:>7.3} ms/batch  {:<10} {:<24} → {:?}",
+                "    {:>7.3} ms/batch  {:<22} {:<12} → {:?}",
                 t.elapsed.as_secs_f64() * 1e3 / iters as f64,
                 t.op_type,
                 t.node,
