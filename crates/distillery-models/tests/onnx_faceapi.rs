@@ -84,12 +84,30 @@ fn faceapi_matches_onnxruntime_on_reference_inputs() -> R {
     {
         eprintln!("faceapi vs onnxruntime: max |Δp| = {worst:.3e} over 36 faces");
     }
-    // The Teacher interface: logits are ln(max(p, 1e-7)), batches beyond max_batch are split.
-    let out = t.forward(&x.narrow(0, 0, 5)?)?;
-    let logits = out.logits.to_vec2::<f32>()?;
+    // The Teacher interface: logits are ln(max(p, 1e-7)); on the CPU a batch runs in chunks of
+    // `cpu_chunk` images (8 here: 8 + 8 + 4 for 20 faces), beyond `max_batch` in batches of that.
+    assert_eq!(t.config().cpu_chunk, 8);
+    let logits_of = |t: &OnnxTeacher, n: usize| -> Result<Vec<Vec<f32>>, Box<dyn std::error::Error>> {
+        Ok(t.forward(&x.narrow(0, 0, n)?)?.logits.to_vec2::<f32>()?)
+    };
+    let logits = logits_of(&t, 20)?;
+    assert_eq!(logits.len(), 20);
     for (row, p) in logits.iter().zip(&probs) {
         for (l, p) in row.iter().zip(p) {
             assert!((l - p.max(1e-7).ln()).abs() < 1e-4, "{l} vs ln({p})");
+        }
+    }
+    // Other chunk sizes, and max_batch below cpu_chunk, give the same rows.
+    for (cpu_chunk, max_batch) in [(3, 64), (64, 64), (8, 5)] {
+        let path = config_path();
+        let mut cfg = OnnxTeacherConfig::from_file(&path)?;
+        cfg.model = reference.join("teachers/faceapi_expression.onnx");
+        (cfg.cpu_chunk, cfg.max_batch) = (cpu_chunk, max_batch);
+        let other = OnnxTeacher::from_config(cfg, path.parent().unwrap(), &Device::Cpu)?;
+        assert_eq!(other.info().fingerprint, t.info().fingerprint, "chunking is not part of the teacher");
+        for (a, b) in logits_of(&other, 20)?.iter().zip(&logits) {
+            let d = a.iter().zip(b).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+            assert!(d < 1e-5, "cpu_chunk {cpu_chunk}, max_batch {max_batch}: rows differ by {d}");
         }
     }
     Ok(())

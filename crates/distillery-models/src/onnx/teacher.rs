@@ -191,7 +191,8 @@ impl Teacher for OnnxTeacher {
 
     fn forward(&self, x: &Tensor) -> candle_core::Result<TeacherOutput> {
         let n = x.dim(0)?;
-        let step = self.cfg.max_batch;
+        let step =
+            if x.device().is_cpu() { self.cfg.cpu_chunk.min(self.cfg.max_batch) } else { self.cfg.max_batch };
         if n <= step {
             return Ok(self.run_chunk(x)?);
         }
