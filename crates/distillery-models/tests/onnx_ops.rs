@@ -1203,5 +1203,18 @@ fn per_channel_input_ops_fold_into_the_convolution_after_them() -> R {
         let d = max_diff(&strided, &want);
         assert!(d < tol, "case {case}: strided input max diff {d}");
     }
+    // A constant of rank 5 (even a single value) broadcasts the input to rank 5, which a 2-D
+    // convolution rejects: it is not folded, and the run fails as the graph says.
+    let m = model(
+        vec![node("Mul", "mul", &["x", "k5"], &["m"], vec![]), conv("m", [1, 1, 1, 1], 1)],
+        inits(vec![init_f32("k5", &[1, 1, 1, 1, 1], vec![2.0])]),
+        &["x"],
+        &["y0"],
+        13,
+    );
+    let g = OnnxGraph::from_model(&m, &Device::Cpu)?;
+    assert_eq!(g.num_steps(), 2, "a rank-5 constant folded");
+    let e = g.run(&[("x", &x)], &["y0"]).unwrap_err().to_string();
+    assert!(e.contains("conv") && e.contains("rank 5"), "{e}");
     Ok(())
 }

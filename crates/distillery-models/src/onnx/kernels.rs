@@ -124,10 +124,11 @@ impl InputOps {
     pub(crate) fn try_new(steps: &[(BinOp, Tensor)], attrs: &ConvAttrs, w: &Tensor) -> Option<Self> {
         let (_, c_in_g, _, _) = w.dims4().ok()?;
         let c = c_in_g * attrs.group;
+        // Of rank 4 at most, so that broadcasting keeps the input's rank too.
         let per_channel = |k: &Tensor| {
             let d = k.dims();
-            k.elem_count() == 1
-                || (d.len() >= 3 && d.len() <= 4 && d[d.len() - 3] == c && k.elem_count() == c)
+            d.len() <= 4
+                && (k.elem_count() == 1 || (d.len() >= 3 && d[d.len() - 3] == c && k.elem_count() == c))
         };
         if steps.is_empty() || steps.iter().any(|(_, k)| !per_channel(k)) {
             return None;
