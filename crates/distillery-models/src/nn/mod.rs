@@ -124,9 +124,20 @@ const KEEP_AWAKE_IDLE: Duration = Duration::from_millis(1);
 /// Workers currently kept awake by [`on_pool`], see [`workers_kept_awake`].
 static KEPT_AWAKE: AtomicUsize = AtomicUsize::new(0);
 
+/// Keep-awake jobs that have run so far (entered their loop), see [`keep_awake_runs`].
+static KEEP_AWAKE_RUNS: AtomicUsize = AtomicUsize::new(0);
+
 /// How many rayon workers [`on_pool`] calls (all of this process's) are keeping awake now.
 pub fn workers_kept_awake() -> usize {
     KEPT_AWAKE.load(Ordering::Relaxed)
+}
+
+/// How many times, in this process, a worker has been kept awake for an [`on_pool`] call (one per
+/// other worker and call, unless the worker was itself inside such a call). Unlike
+/// [`workers_kept_awake`] it does not depend on the workers being awake at the same moment, which
+/// on a loaded machine they may not be: one preempted for longer than the idle limit leaves.
+pub fn keep_awake_runs() -> usize {
+    KEEP_AWAKE_RUNS.load(Ordering::Relaxed)
 }
 
 thread_local! {
@@ -164,6 +175,7 @@ fn keep_awake(done: &AtomicBool) {
     if RUNNING_F.with(|r| r.get()) > 0 {
         return;
     }
+    KEEP_AWAKE_RUNS.fetch_add(1, Ordering::Relaxed);
     KEPT_AWAKE.fetch_add(1, Ordering::Relaxed);
     let mut idle_since: Option<Instant> = None;
     while !done.load(Ordering::Acquire) {
