@@ -106,11 +106,11 @@ impl OnnxGraph {
 
     /// Plans for speed: the constant weights of every convolution are flattened on the host once;
     /// `Add`/`Sub`/`Mul`/`Div` nodes with a per-channel constant whose result only a convolution
-    /// reads are folded into its input (one pass with its padding); a `Relu` whose input nothing else reads is folded into the `Conv` or `Add` producing it
-    /// (one pass over the data instead of two, one tensor fewer); then a depthwise `Conv` whose
-    /// output only a 1×1 `Conv` reads is folded into it (its output is never stored); then
-    /// chains of `Add`s become n-ary sums, and each sum is folded into the convolution producing
-    /// one of its operands. The unfused plan is kept for runs that ask for a value fusion removed.
+    /// reads are folded into its input (one pass with its padding); a `Relu` whose input nothing
+    /// else reads is folded into the `Conv` or `Add` producing it (one pass over the data instead
+    /// of two, one tensor fewer); then a depthwise `Conv` whose output only a 1×1 `Conv` reads is
+    /// folded into it (its output is never stored); then chains of `Add`s become n-ary sums, and
+    /// each sum is folded into the convolution producing one of its operands. The unfused plan is kept for runs that ask for a value fusion removed.
     fn fuse(&mut self) -> Result<(), OnnxError> {
         for st in &mut self.steps {
             let Op::Conv(_, extras) = &mut st.op else { continue };
@@ -163,15 +163,12 @@ impl OnnxGraph {
         let constant = |s: usize| self.constants[s].as_ref();
         let mut folds = Vec::new();
         for (i, st) in self.steps.iter().enumerate() {
-            let Op::Conv(attrs, extras) = &st.op else { continue };
+            let Op::Conv(attrs, _) = &st.op else { continue };
             let (Some(Some(x)), Some(w)) = (st.inputs.first().copied(), st.inputs.get(1).copied().flatten())
             else {
                 continue;
             };
             let Some(w) = constant(w).filter(|w| w.rank() == 4) else { continue };
-            if extras.input.is_some() {
-                continue;
-            }
             // Back from the convolution's input: (node, data input, op, constant), nearest first.
             let mut chain = Vec::new();
             let mut slot = x;
