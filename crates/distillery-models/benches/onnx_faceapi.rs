@@ -3,7 +3,7 @@
 //! (a `cuda` build; see `benches/gpu.sh`).
 //!
 //! `./dev bench --bench onnx_faceapi` (needs `../shared/reference`); `FACEAPI_BENCH_NODES=30`
-//! lists every node. The timed batches go through the teacher (on the CPU in chunks of its
+//! lists every node, `FACEAPI_BENCH_BATCHES=1,8` picks the batch sizes. The timed batches go through the teacher (on the CPU in chunks of its
 //! `cpu_chunk` images); the per-node times are of whole batches through the graph.
 
 #![allow(clippy::print_stdout)]
@@ -51,11 +51,16 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("faceapi teacher on {device_name}: {} nodes per batch after folding", t.graph().num_steps());
     // The slowest nodes listed per batch size: `$FACEAPI_BENCH_NODES`, 8 unless set.
     let shown = std::env::var("FACEAPI_BENCH_NODES").ok().and_then(|v| v.parse().ok()).unwrap_or(8);
-    for batch in [1usize, 32] {
+    // Batch sizes: `$FACEAPI_BENCH_BATCHES` (e.g. `1` or `1,8,32`), 1 and 32 unless set.
+    let batches: Vec<usize> = match std::env::var("FACEAPI_BENCH_BATCHES") {
+        Ok(v) => v.split(',').map(|b| b.trim().parse()).collect::<Result<_, _>>()?,
+        Err(_) => vec![1, 32],
+    };
+    for batch in batches {
         let x = (Tensor::rand(0f32, 255.0, (batch, 3, 112, 112), &device)?).to_dtype(DType::F32)?;
         t.forward(&x)?; // warm-up
         device.synchronize()?;
-        let iters = if batch == 1 { 300 } else { 20 };
+        let iters = (640 / batch).clamp(20, 300);
         let start = Instant::now();
         for _ in 0..iters {
             t.forward(&x)?;

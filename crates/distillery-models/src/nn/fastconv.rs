@@ -21,7 +21,6 @@ use std::cell::RefCell;
 
 use super::simd::{self, Vf32, WithLanes};
 use candle_core::{CpuStorage, DType, Device, Layout, Result, Storage, Tensor, bail};
-use rayon::prelude::*;
 
 /// Shape of a convolution: channels, kernel, stride and zero padding per axis.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -1012,7 +1011,7 @@ unsafe fn conv_raw(
         }
     };
     if tiles_in_parallel {
-        (0..tasks).into_par_iter().for_each(run);
+        super::for_each_task(tasks, run);
     } else {
         (0..tasks).for_each(run);
     }
