@@ -254,10 +254,26 @@ unsafe fn unfold_tile(
     let nc = j1 - j0;
     let ho = (h + 2 * g.pad_h - g.kh) / g.stride_h + 1;
     let wo = (w + 2 * g.pad_w - g.kw) / g.stride_w + 1;
+    // The input rows this tile reads (in every channel): with a pre-activation, each channel's
+    // are activated once into `activated` rather than once per tap.
+    let row_lo = ((j0 / wo) * g.stride_h).saturating_sub(g.pad_h);
+    let row_end = ((j1 - 1) / wo * g.stride_h + g.kh).saturating_sub(g.pad_h).min(h);
+    let mut activated = vec![0f32; if pre.is_some() { row_end.saturating_sub(row_lo) * w } else { 0 }];
     for ci in 0..g.c_in {
         // SAFETY: the caller guarantees `c_in` planes of `h·w` floats.
         let plane = unsafe { std::slice::from_raw_parts(src.add(ci * h * w), h * w) };
-        let act = pre.map(|p| (p.scale[ci], p.shift[ci]));
+        // Input row `iy` is `rows[(iy − first)·w..][..w]`.
+        let (rows, first) = match pre {
+            Some(p) => {
+                let (s, t) = (p.scale[ci], p.shift[ci]);
+                let from = &plane[row_lo * w..row_end.max(row_lo) * w];
+                for (o, &v) in activated.iter_mut().zip(from) {
+                    *o = (v * s + t).max(0.0);
+                }
+                (&activated[..], row_lo)
+            }
+            None => (plane, 0),
+        };
         for ky in 0..g.kh {
             let (oy_lo, oy_hi) = ConvGeom::valid(ky, h, ho, g.stride_h, g.pad_h);
             for kx in 0..g.kw {
@@ -269,8 +285,8 @@ unsafe fn unfold_tile(
                         dst.fill(0.0);
                         continue;
                     }
-                    let iy = oy * g.stride_h + ky - g.pad_h;
-                    let src_row = &plane[iy * w..(iy + 1) * w];
+                    let iy = oy * g.stride_h + ky - g.pad_h - first;
+                    let src_row = &rows[iy * w..(iy + 1) * w];
                     // Valid outputs of this segment: a..b (relative to ox0).
                     let a = ox_lo.clamp(ox0, ox1) - ox0;
                     let b = ox_hi.clamp(ox0, ox1) - ox0;
@@ -281,14 +297,9 @@ unsafe fn unfold_tile(
                     }
                     let ix0 = (ox0 + a) * g.stride_w + kx - g.pad_w;
                     let out = &mut dst[a..b];
-                    match (g.stride_w, act) {
-                        (1, None) => out.copy_from_slice(&src_row[ix0..ix0 + (b - a)]),
-                        (1, Some((s, t))) => {
-                            for (o, &v) in out.iter_mut().zip(&src_row[ix0..ix0 + (b - a)]) {
-                                *o = (v * s + t).max(0.0);
-                            }
-                        }
-                        (2, None) => {
+                    match g.stride_w {
+                        1 => out.copy_from_slice(&src_row[ix0..ix0 + (b - a)]),
+                        2 => {
                             // Every other input: pairs, so the loop vectorises (the last output's
                             // pair may run past the row, so it goes on its own).
                             let n = out.len();
@@ -298,13 +309,9 @@ unsafe fn unfold_tile(
                             }
                             out[n - 1] = src_row[ix0 + 2 * (n - 1)];
                         }
-                        (sw, act) => {
+                        sw => {
                             for (i, o) in out.iter_mut().enumerate() {
-                                let v = src_row[ix0 + i * sw];
-                                *o = match act {
-                                    Some((s, t)) => (v * s + t).max(0.0),
-                                    None => v,
-                                };
+                                *o = src_row[ix0 + i * sw];
                             }
                         }
                     }
