@@ -349,7 +349,7 @@ impl HourGlass {
         let low = blocks.b2.forward(&max_pool2(x)?)?;
         let low = if l > 1 { self.level(l - 1, &low)? } else { self.b2_plus_1.forward(&low)? };
         let low = blocks.b3.forward(&low)?;
-        up + upsample_nearest2(&low)?
+        add_upsampled(&up, &low)
     }
 }
 
@@ -364,11 +364,63 @@ pub(crate) fn max_pool2(x: &Tensor) -> Result<Tensor> {
     if h % 2 != 0 || w % 2 != 0 {
         candle_core::bail!("emonet max_pool2: spatial size {h}×{w} is not even");
     }
+    if x.device().is_cpu() && !x.track_op() {
+        let pooled = fastconv::cpu_f32(x, |v| {
+            let (ho, wo) = (h / 2, w / 2);
+            let pool = |(plane, out): (&[f32], &mut [f32])| {
+                for (rows, o) in plane.chunks_exact(2 * w).zip(out.chunks_exact_mut(wo)) {
+                    let (r0, r1) = rows.split_at(w);
+                    for (j, o) in o.iter_mut().enumerate() {
+                        // Across each row's pair, then across the rows: the reductions' order.
+                        *o = r0[2 * j].max(r0[2 * j + 1]).max(r1[2 * j].max(r1[2 * j + 1]));
+                    }
+                }
+            };
+            let mut out = vec![0f32; n * c * ho * wo];
+            v.par_chunks(h * w).zip(out.par_chunks_mut(ho * wo)).for_each(pool);
+            out
+        });
+        if let Some(out) = pooled {
+            return Tensor::from_vec(out, (n, c, h / 2, w / 2), x.device());
+        }
+    }
     if x.device().is_cpu() || x.track_op() {
         x.reshape((n, c, h / 2, 2, w / 2, 2))?.max(5)?.max(3)
     } else {
         x.max_pool2d(2)
     }
+}
+
+/// `up + upsample_nearest2(low)` for `up` of `[n, c, 2h, 2w]` and `low` of `[n, c, h, w]`: one
+/// pass on the CPU (inference), the two ops elsewhere.
+pub(crate) fn add_upsampled(up: &Tensor, low: &Tensor) -> Result<Tensor> {
+    let (n, c, h, w) = low.dims4()?;
+    if up.dims() != [n, c, 2 * h, 2 * w] {
+        bail!("emonet hourglass: {:?} plus {:?} upsampled ×2", up.dims(), low.dims());
+    }
+    if !up.track_op() && !low.track_op() {
+        let summed = fastconv::cpu_f32_all(&[up, low], |v| {
+            let (u, l) = (v[0], v[1]);
+            let add = |((out, up), low): ((&mut [f32], &[f32]), &[f32])| {
+                for ((o, u), l) in out
+                    .chunks_exact_mut(2 * w)
+                    .zip(up.chunks_exact(2 * w))
+                    .zip(low.chunks_exact(w).flat_map(|r| [r, r]))
+                {
+                    for (j, (o, &u)) in o.iter_mut().zip(u).enumerate() {
+                        *o = u + l[j / 2];
+                    }
+                }
+            };
+            let mut out = vec![0f32; u.len()];
+            out.par_chunks_mut(4 * h * w).zip(u.par_chunks(4 * h * w)).zip(l.par_chunks(h * w)).for_each(add);
+            out
+        });
+        if let Some(out) = summed {
+            return Tensor::from_vec(out, up.shape(), up.device());
+        }
+    }
+    up + upsample_nearest2(low)?
 }
 
 /// Nearest-neighbour ×2 upsampling of `[n, c, h, w]`.
@@ -411,6 +463,38 @@ mod tests {
         assert_eq!(a, vec![vec![7.5, 23.5]]);
         assert!(global_avg_pool(&x.narrow(3, 0, 2).unwrap(), 4).is_err());
         assert!(max_pool2(&x.narrow(3, 0, 3).unwrap()).is_err());
+    }
+
+    /// The one-pass CPU forms of pooling and of the hourglass's upsampled sum give the bits of
+    /// the reductions and of the two ops, for contiguous and strided inputs.
+    #[test]
+    fn one_pass_pooling_and_upsampled_sum_match_the_compositions() -> Result<()> {
+        let dev = Device::Cpu;
+        for (n, c, h, w) in [(2, 3, 8, 6), (1, 5, 2, 2), (3, 2, 16, 4), (1, 64, 32, 32)] {
+            let x = Tensor::randn(0f32, 1., (n, c + 1, w, h), &dev)?.narrow(1, 1, c)?.transpose(2, 3)?;
+            for x in [x.clone(), x.contiguous()?] {
+                let reduced = x.reshape((n, c, h / 2, 2, w / 2, 2))?.max(5)?.max(3)?;
+                let pooled = max_pool2(&x)?;
+                assert_eq!(pooled.dims(), reduced.dims());
+                let (p, r) =
+                    (pooled.flatten_all()?.to_vec1::<f32>()?, reduced.flatten_all()?.to_vec1::<f32>()?);
+                assert!(p.iter().zip(&r).all(|(a, b)| a.to_bits() == b.to_bits()), "max {n}x{c}x{h}x{w}");
+                let up = Tensor::randn(0f32, 1., (n, c, 2 * h, 2 * w), &dev)?;
+                let want = (&up + upsample_nearest2(&x)?)?.flatten_all()?.to_vec1::<f32>()?;
+                let got = add_upsampled(&up, &x)?;
+                assert_eq!(got.dims(), up.dims());
+                let got = got.flatten_all()?.to_vec1::<f32>()?;
+                assert!(
+                    got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()),
+                    "sum {n}x{c}x{h}x{w}"
+                );
+            }
+        }
+        let (up, low) =
+            (Tensor::zeros((1, 2, 8, 8), DType::F32, &dev)?, Tensor::zeros((1, 2, 4, 2), DType::F32, &dev)?);
+        let err = add_upsampled(&up, &low).unwrap_err().to_string();
+        assert!(err.contains("[1, 2, 8, 8] plus [1, 2, 4, 2]"), "{err}");
+        Ok(())
     }
 
     /// The two forms `max_pool2` chooses between agree exactly on even sizes, for contiguous and
