@@ -4,8 +4,11 @@
 //! Every convolution and linear layer records its MACs through [`crate::cost::record`]. Pooling and
 //! upsampling use reshape-based forms that are exact for the even sizes EmoNet produces (candle's
 //! generic pooling kernels have edge cases we avoid on principle), except max pooling on GPUs
-//! (see [`max_pool2`]). On a GPU, each batch norm (with its ReLU) and each bias is one pass of
+//! (see [`max_pool2`]); on the CPU, max pooling and the hourglass's sum with an upsampled map
+//! ([`add_upsampled`]) are one parallel pass each, with the same bits. On a GPU, each batch norm (with its ReLU) and each bias is one pass of
 //! [`nn::channel_epilogue`].
+
+use std::mem::MaybeUninit;
 
 use candle_core::{D, DType, Result, Tensor, bail};
 use rayon::prelude::*;
@@ -355,30 +358,34 @@ impl HourGlass {
 
 /// 2×2 max pooling with stride 2 on `[n, c, h, w]` with even `h` and `w`.
 ///
-/// Two reductions over axes of two on the CPU (and wherever a gradient is tracked: candle's
-/// pooling backward is wrong); candle's pooling kernel elsewhere. Its forward pass is exact for
-/// even sizes, and on CUDA candle reduces with one block per output, so the reductions would
-/// launch a block for every two values.
+/// On the CPU one parallel pass over contiguous planes, with the bits of two reductions over axes
+/// of two, which serve strided inputs and wherever a gradient is tracked (candle's pooling
+/// backward is wrong); candle's pooling kernel elsewhere. Its forward pass is exact for even
+/// sizes, and on CUDA candle reduces with one block per output, so the reductions would launch a
+/// block for every two values.
 pub(crate) fn max_pool2(x: &Tensor) -> Result<Tensor> {
     let (n, c, h, w) = x.dims4()?;
     if h % 2 != 0 || w % 2 != 0 {
         candle_core::bail!("emonet max_pool2: spatial size {h}×{w} is not even");
     }
-    if x.device().is_cpu() && !x.track_op() {
+    if x.device().is_cpu() && !x.track_op() && x.elem_count() > 0 {
         let pooled = fastconv::cpu_f32(x, |v| {
             let (ho, wo) = (h / 2, w / 2);
-            let pool = |(plane, out): (&[f32], &mut [f32])| {
+            let pool = |(plane, out): (&[f32], &mut [MaybeUninit<f32>])| {
                 for (rows, o) in plane.chunks_exact(2 * w).zip(out.chunks_exact_mut(wo)) {
                     let (r0, r1) = rows.split_at(w);
                     for (j, o) in o.iter_mut().enumerate() {
                         // Across each row's pair, then across the rows: the reductions' order.
-                        *o = r0[2 * j].max(r0[2 * j + 1]).max(r1[2 * j].max(r1[2 * j + 1]));
+                        o.write(r0[2 * j].max(r0[2 * j + 1]).max(r1[2 * j].max(r1[2 * j + 1])));
                     }
                 }
             };
-            let mut out = vec![0f32; n * c * ho * wo];
-            v.par_chunks(h * w).zip(out.par_chunks_mut(ho * wo)).for_each(pool);
-            out
+            // SAFETY: every output plane is written whole.
+            unsafe {
+                nn::written(n * c * ho * wo, |out| {
+                    v.par_chunks(h * w).zip(out.par_chunks_mut(ho * wo)).for_each(pool)
+                })
+            }
         });
         if let Some(out) = pooled {
             return Tensor::from_vec(out, (n, c, h / 2, w / 2), x.device());
@@ -398,23 +405,24 @@ pub(crate) fn add_upsampled(up: &Tensor, low: &Tensor) -> Result<Tensor> {
     if up.dims() != [n, c, 2 * h, 2 * w] {
         bail!("emonet hourglass: {:?} plus {:?} upsampled ×2", up.dims(), low.dims());
     }
-    if !up.track_op() && !low.track_op() {
+    if !up.track_op() && !low.track_op() && low.elem_count() > 0 {
         let summed = fastconv::cpu_f32_all(&[up, low], |v| {
             let (u, l) = (v[0], v[1]);
-            let add = |((out, up), low): ((&mut [f32], &[f32]), &[f32])| {
-                for ((o, u), l) in out
-                    .chunks_exact_mut(2 * w)
-                    .zip(up.chunks_exact(2 * w))
-                    .zip(low.chunks_exact(w).flat_map(|r| [r, r]))
-                {
+            let add = |((out, up), low): ((&mut [MaybeUninit<f32>], &[f32]), &[f32])| {
+                let low_rows = low.chunks_exact(w).flat_map(|r| [r, r]);
+                for ((o, u), l) in out.chunks_exact_mut(2 * w).zip(up.chunks_exact(2 * w)).zip(low_rows) {
                     for (j, (o, &u)) in o.iter_mut().zip(u).enumerate() {
-                        *o = u + l[j / 2];
+                        o.write(u + l[j / 2]);
                     }
                 }
             };
-            let mut out = vec![0f32; u.len()];
-            out.par_chunks_mut(4 * h * w).zip(u.par_chunks(4 * h * w)).zip(l.par_chunks(h * w)).for_each(add);
-            out
+            // SAFETY: every output plane is written whole.
+            unsafe {
+                nn::written(u.len(), |out| {
+                    let planes = out.par_chunks_mut(4 * h * w).zip(u.par_chunks(4 * h * w));
+                    planes.zip(l.par_chunks(h * w)).for_each(add)
+                })
+            }
         });
         if let Some(out) = summed {
             return Tensor::from_vec(out, up.shape(), up.device());
