@@ -398,6 +398,9 @@ pub(crate) fn max_pool2(x: &Tensor) -> Result<Tensor> {
     }
 }
 
+/// An output plane of [`add_upsampled`] and the matching plane of `up`.
+type Planes<'a> = (&'a mut [MaybeUninit<f32>], &'a [f32]);
+
 /// `up + upsample_nearest2(low)` for `up` of `[n, c, 2h, 2w]` and `low` of `[n, c, h, w]`: one
 /// pass on the CPU (inference), the two ops elsewhere.
 pub(crate) fn add_upsampled(up: &Tensor, low: &Tensor) -> Result<Tensor> {
@@ -408,7 +411,7 @@ pub(crate) fn add_upsampled(up: &Tensor, low: &Tensor) -> Result<Tensor> {
     if !up.track_op() && !low.track_op() && low.elem_count() > 0 {
         let summed = fastconv::cpu_f32_all(&[up, low], |v| {
             let (u, l) = (v[0], v[1]);
-            let add = |((out, up), low): ((&mut [MaybeUninit<f32>], &[f32]), &[f32])| {
+            let add = |((out, up), low): (Planes<'_>, &[f32])| {
                 let low_rows = low.chunks_exact(w).flat_map(|r| [r, r]);
                 for ((o, u), l) in out.chunks_exact_mut(2 * w).zip(up.chunks_exact(2 * w)).zip(low_rows) {
                     for (j, (o, &u)) in o.iter_mut().zip(u).enumerate() {
