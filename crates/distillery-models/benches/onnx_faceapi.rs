@@ -3,8 +3,9 @@
 //! (a `cuda` build; see `benches/gpu.sh`).
 //!
 //! `./dev bench --bench onnx_faceapi` (needs `../shared/reference`); `FACEAPI_BENCH_NODES=30`
-//! lists every node, `FACEAPI_BENCH_BATCHES=1,8` picks the batch sizes. The timed batches go through the teacher (on the CPU in chunks of its
-//! `cpu_chunk` images); the per-node times are of whole batches through the graph.
+//! lists every node, `FACEAPI_BENCH_BATCHES=1,8` picks the batch sizes. The timed batches go
+//! through the teacher (on the CPU in chunks of its `cpu_chunk` images); the per-node times are of
+//! whole batches through the graph.
 
 #![allow(clippy::print_stdout)]
 
