@@ -5,8 +5,8 @@
 //! upsampling use reshape-based forms that are exact for the even sizes EmoNet produces (candle's
 //! generic pooling kernels have edge cases we avoid on principle), except max pooling on GPUs
 //! (see [`max_pool2`]); on the CPU, max pooling and the hourglass's sum with an upsampled map
-//! ([`add_upsampled`]) are one parallel pass each, with the same bits. On a GPU, each batch norm (with its ReLU) and each bias is one pass of
-//! [`nn::channel_epilogue`].
+//! ([`add_upsampled`]) are one parallel pass each, with the same bits. On a GPU, each batch norm
+//! (with its ReLU) and each bias is one pass of [`nn::channel_epilogue`].
 
 use std::mem::MaybeUninit;
 

@@ -110,7 +110,8 @@ impl OnnxGraph {
     /// else reads is folded into the `Conv` or `Add` producing it (one pass over the data instead
     /// of two, one tensor fewer); then a depthwise `Conv` whose output only a 1×1 `Conv` reads is
     /// folded into it (its output is never stored); then chains of `Add`s become n-ary sums, and
-    /// each sum is folded into the convolution producing one of its operands. The unfused plan is kept for runs that ask for a value fusion removed.
+    /// each sum is folded into the convolution producing one of its operands. The unfused plan is
+    /// kept for runs that ask for a value fusion removed.
     fn fuse(&mut self) -> Result<(), OnnxError> {
         for st in &mut self.steps {
             let Op::Conv(_, extras) = &mut st.op else { continue };
